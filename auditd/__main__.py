@@ -1,0 +1,5 @@
+import sys
+
+from auditd.cli import main
+
+sys.exit(main())
