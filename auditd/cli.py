@@ -1,0 +1,650 @@
+"""The `choysez-auditd` command: a thin layer over the library.
+
+Exit status: 0 success; 2 bad usage, invalid config or unreadable input (one line on stderr
+naming the file and the place); 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from auditd import __version__
+from auditd.config import Config, FileMailSource, FileNetSource, ImapSource, config_path, load_config
+from auditd.digest.render import DigestData, render_html, render_text
+from auditd.directory import load_devices, load_directory
+from auditd.errors import AuditError, InputError, PermissionDenied, UsageError
+from auditd.model import JSONValue, MailMessage, NetObservation, Status, StoredFinding, Subject
+from auditd.pipeline import Context, SourceReport, classify, scan_mail, scan_net
+from auditd.policy import RULE_IDS, Policy, load_policy
+from auditd.rules.mail import MailRules
+from auditd.sources import detect
+from auditd.sources.mailfile import MailStats, read_eml, read_maildir, read_mbox
+from auditd.sources.pcap import CaptureStats, read_capture
+from auditd.store import Store
+
+PROG = "choysez-auditd"
+SUBJECT_KEYS = ("staff", "address", "room", "device", "service")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- parsing helpers --------------------------------------------------------------------------
+
+
+def parse_subject(text: str) -> Subject:
+    """`staff:EMAIL`, `address:EMAIL`, `room:NAME`, `device:IP-or-MAC`, optionally `,service:NAME`."""
+    parts: dict[str, str] = {}
+    for piece in text.split(","):
+        key, sep, value = piece.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or key not in SUBJECT_KEYS or not value:
+            raise UsageError(
+                f"--subject {text!r}: each part must be KEY:VALUE with KEY one of {', '.join(SUBJECT_KEYS)}"
+            )
+        if key in parts:
+            raise UsageError(f"--subject {text!r}: {key} given twice")
+        parts[key] = value.lower() if key in ("staff", "address", "device") else value
+    return Subject(**parts)
+
+
+def parse_when(text: str, tz: Any, *, end_of_day: bool = False) -> datetime:
+    """ISO date or date-time; a time without offset is in the organisation's time zone."""
+    try:
+        if len(text) == 10:
+            d = date.fromisoformat(text)
+            t = time(0, 0)
+            moment = datetime.combine(d + timedelta(days=1) if end_of_day else d, t, tz)
+        else:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=tz)
+    except ValueError:
+        raise UsageError(f"not a date or date-time (YYYY-MM-DD or YYYY-MM-DDTHH:MM): {text!r}") from None
+    return moment.astimezone(UTC)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _store(config: Config) -> Store:
+    return Store.open(config.store.path)
+
+
+def _out(line: str = "", stream: TextIO | None = None) -> None:
+    print(line, file=stream or sys.stdout, flush=True)
+
+
+# ---- findings as data -------------------------------------------------------------------------
+
+
+def finding_json(f: StoredFinding) -> dict[str, JSONValue]:
+    return {
+        "id": f.id,
+        "rule": f.rule,
+        "clauses": list(f.clauses),
+        "severity": f.severity.value,
+        "status": f.status.value,
+        "subject": dict(f.subject.as_dict()),
+        "first_seen": f.first_seen.isoformat(),
+        "last_seen": f.last_seen.isoformat(),
+        "occurrences": f.occurrences,
+        "pupil_involved": f.pupil_involved,
+        "reasons": list(f.reasons),
+        "evidence": [
+            {"key": e.key, "observed_at": e.observed_at.isoformat(), **dict(e.data)} for e in f.evidence
+        ],
+        "approval_id": f.approval_id,
+        "created_at": f.created_at.isoformat(),
+        "reviewed_by": f.reviewed_by,
+        "review_note": f.review_note,
+    }
+
+
+def csv_cell(value: object) -> str:
+    """A cell a spreadsheet will not run: formulas from hostile input are defused with a quote."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _subject_text(s: Subject) -> str:
+    return ", ".join(f"{k}:{v}" for k, v in s.as_dict().items())
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    policy = load_policy(config.policy.dir)
+    people = load_directory(config)
+    if config.network.devices:
+        load_devices(config.network.devices)
+    _out(f"config: {config.path} ok")
+    _out(f"policy: {policy.folder} ok ({len(policy.rules)} rules, {len(policy.streaming.service)} services)")
+    _out(f"directory: {len(people.staff)} staff, {len(people.community)} community members")
+    if args.offline:
+        return 0
+    failures = 0
+    for name, problem in _probe_sources(config):
+        _out(f"source {name}: {'ok' if problem is None else 'FAILED: ' + problem}")
+        failures += problem is not None
+    return 1 if failures else 0
+
+
+def _probe_sources(config: Config) -> list[tuple[str, str | None]]:
+    results: list[tuple[str, str | None]] = []
+    for src in config.mail.sources:
+        problem: str | None = None
+        if isinstance(src, FileMailSource):
+            if not src.path.exists():
+                problem = f"{src.path}: not found"
+        elif isinstance(src, ImapSource):
+            try:
+                socket.create_connection((src.host, src.port), timeout=5).close()
+            except OSError as exc:
+                problem = f"cannot connect to {src.host}:{src.port}: {exc.strerror or exc}"
+        else:
+            problem = f"the {src.type} backend is not in this version yet"
+        results.append((src.name, problem))
+    for net in config.network.sources:
+        if isinstance(net, FileNetSource):
+            from glob import glob
+
+            pattern = net.resolved(config.base)
+            problem = None if glob(pattern) or Path(pattern).is_dir() else f"nothing matches {pattern}"
+        else:
+            problem = "live capture is not in this version yet"
+        results.append((net.name, problem))
+    return results
+
+
+def _optional_config(args: argparse.Namespace) -> Config | None:
+    path = config_path(args.config)
+    if args.config is None and not path.exists():
+        return None  # inspect works without a config: the bundled policy classifies names
+    return load_config(path)
+
+
+def net_json(o: NetObservation) -> dict[str, JSONValue]:
+    return {
+        "kind": "net",
+        "ts": o.ts.isoformat(),
+        "client": o.client,
+        "server": o.server,
+        "host": o.host,
+        "via": o.via,
+        "service": o.service,
+        "category": o.category,
+        "bytes": o.bytes,
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    config = _optional_config(args)
+    policy = load_policy(config.policy.dir if config else None)
+    cats = config.network.categories if config else None
+    classifier = policy.classifier(set(cats) if cats is not None else None)
+    rules = _mail_rules(config, policy) if config else None
+    now = now_utc()
+    emit = _emitter(args.format)
+    for raw in args.paths:
+        path = Path(raw)
+        kind = detect(path)
+        if kind == "capture":
+            stats = CaptureStats()
+            for o in classify(read_capture(path, source=str(path), stats=stats), classifier):
+                if args.only_matches and o.service is None:
+                    continue
+                emit(net_json(o))
+            if stats.skipped or stats.truncated:
+                cut = " (file is truncated)" if stats.truncated else ""
+                _out(
+                    f"{PROG}: {path}: {stats.skipped} packets skipped{cut}"
+                    + (f"; first: {stats.first_skipped}" if stats.first_skipped else ""),
+                    sys.stderr,
+                )
+        else:
+            mstats = MailStats()
+            messages: Iterator[MailMessage]
+            if kind == "maildir":
+                messages = (m for m, _ in read_maildir(path, source=str(path), stats=mstats))
+            elif kind == "mbox":
+                messages = (m for m, _ in read_mbox(path, source=str(path), stats=mstats))
+            else:
+                one = read_eml(path, source=str(path), stats=mstats)
+                messages = iter([one] if one else [])
+            for msg in messages:
+                findings = rules.evaluate(msg, now=now) if rules else []
+                if args.only_matches and not findings:
+                    continue
+                emit(
+                    {
+                        "kind": "mail",
+                        "source": msg.source,
+                        "message_id": msg.message_id,
+                        "date": msg.date.isoformat() if msg.date else None,
+                        "from": msg.sender.email if msg.sender else None,
+                        "to": [a.email for a in msg.to],
+                        "cc": [a.email for a in msg.cc],
+                        "findings": [
+                            {
+                                "rule": f.rule,
+                                "staff": f.subject.staff,
+                                "personal_address": f.subject.address,
+                                "pupil_involved": f.pupil_involved,
+                                "reasons": list(f.reasons),
+                            }
+                            for f in findings
+                        ],
+                    }
+                )
+            if mstats.unparseable:
+                _out(
+                    f"{PROG}: {path}: {mstats.unparseable} messages unparseable; "
+                    f"first: {mstats.first_problem}",
+                    sys.stderr,
+                )
+    return 0
+
+
+def _emitter(fmt: str) -> Callable[[dict[str, JSONValue]], None]:
+    if fmt == "jsonl":
+        return lambda obj: _out(json.dumps(obj, ensure_ascii=False))
+
+    def table_row(obj: dict[str, JSONValue]) -> None:
+        if obj["kind"] == "net":
+            svc = obj["service"] or "-"
+            _out(f"{obj['ts']}  {obj['client']:<39} {obj['via']:<9} {svc:<12} {obj['host']}")
+        else:
+            rules = ",".join(str(f["rule"]) for f in obj["findings"] if isinstance(f, dict)) or "-"  # type: ignore[union-attr]
+            _out(f"{obj['date'] or '-':<25} {obj['from'] or '-':<40} {rules}")
+
+    return table_row
+
+
+def _mail_rules(config: Config, policy: Policy) -> MailRules:
+    return MailRules(
+        load_directory(config), policy, config.organisation.is_official, config.mail.business_threshold
+    )
+
+
+def _print_reports(reports: list[SourceReport]) -> int:
+    for r in reports:
+        if r.ok:
+            rules = ", ".join(f"{k} {v}" for k, v in sorted(r.rules.items())) or "none"
+            line = f"{r.name}: {r.items} items read, {r.new} new findings (matched: {rules})"
+            if r.skipped:
+                line += f", {r.skipped} skipped (first: {r.first_problem})"
+            _out(line)
+        else:
+            _out(f"{r.name}: FAILED: {r.error}", sys.stderr)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    config = _load(args)
+    with _store(config) as store:
+        ctx = Context.load(config, store)
+        if args.what == "mail":
+            reports = scan_mail(ctx, now=now_utc(), only=args.source)
+        else:
+            paths = [Path(p) for p in args.paths]
+            for p in paths:
+                if not p.exists():
+                    raise InputError("no such file", where=str(p))
+            reports = scan_net(ctx, now=now_utc(), only=args.source, paths=paths or None)
+    return _print_reports(reports)
+
+
+def cmd_findings(args: argparse.Namespace) -> int:
+    config = _load(args)
+    tz = config.organisation.tz
+    with _store(config) as store:
+        if args.action in ("confirm", "dismiss"):
+            if not config.people.may_review(args.by):
+                raise PermissionDenied(
+                    f"{args.by} may not review findings (only the ICT manager {config.people.ict_manager} "
+                    f"or the DSL {config.people.dsl})"
+                )
+            status = Status.CONFIRMED if args.action == "confirm" else Status.DISMISSED
+            note = args.note if args.action == "confirm" else args.reason
+            f = store.review(args.id, status, by=args.by.lower(), note=note, now=now_utc())
+            _out(f"finding #{f.id} {f.status.value} by {f.reviewed_by}")
+            return 0
+        if args.rule and args.rule not in RULE_IDS:
+            raise UsageError(f"--rule {args.rule!r}: not a rule id ({', '.join(RULE_IDS)})")
+        found = store.list_findings(
+            since=parse_when(args.since, tz) if args.since else None,
+            rule=args.rule,
+            status=Status(args.status) if args.status else None,
+            subject=parse_subject(args.subject) if args.subject else None,
+            with_evidence=args.format == "json",
+        )
+    if args.format == "json":
+        _out(json.dumps([finding_json(f) for f in found], indent=2, ensure_ascii=False))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(
+            [
+                "id",
+                "rule",
+                "clauses",
+                "severity",
+                "status",
+                "subject",
+                "first_seen",
+                "last_seen",
+                "occurrences",
+                "pupil_involved",
+                "approval_id",
+                "reasons",
+            ]
+        )
+        for f in found:
+            w.writerow(
+                [
+                    csv_cell(v)
+                    for v in (
+                        f.id,
+                        f.rule,
+                        " ".join(f.clauses),
+                        f.severity.value,
+                        f.status.value,
+                        _subject_text(f.subject),
+                        f.first_seen.isoformat(),
+                        f.last_seen.isoformat(),
+                        f.occurrences,
+                        f.pupil_involved,
+                        f.approval_id or "",
+                        "; ".join(f.reasons),
+                    )
+                ]
+            )
+        sys.stdout.write(buf.getvalue())
+    else:
+        rows = [
+            [
+                str(f.id),
+                f.rule,
+                f.status.value,
+                f.severity.value,
+                _subject_text(f.subject),
+                f.first_seen.astimezone(tz).strftime("%Y-%m-%d %H:%M"),
+                str(f.occurrences),
+                "yes" if f.pupil_involved else "",
+            ]
+            for f in found
+        ]
+        _out(_table(rows, ["ID", "RULE", "STATUS", "SEV", "SUBJECT", "FIRST SEEN", "N", "PUPIL"]))
+        _out(f"{len(found)} finding{'s' if len(found) != 1 else ''}")
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    config = _load(args)
+    tz = config.organisation.tz
+    with _store(config) as store:
+        if args.action == "grant":
+            if args.rule not in RULE_IDS:
+                raise UsageError(f"--rule {args.rule!r}: not a rule id ({', '.join(RULE_IDS)})")
+            if not config.people.may_approve(args.approved_by):
+                raise PermissionDenied(
+                    f"{args.approved_by} may not approve exceptions (only the centre manager "
+                    f"{config.people.centre_manager} or a listed deputy)"
+                )
+            if not args.reason.strip():
+                raise UsageError("--reason must say why")
+            a, n = store.grant_approval(
+                rule=args.rule,
+                subject=parse_subject(args.subject),
+                valid_from=parse_when(getattr(args, "from"), tz),
+                valid_until=parse_when(args.until, tz, end_of_day=True),
+                approved_by=args.approved_by.lower(),
+                reason=args.reason.strip(),
+                now=now_utc(),
+            )
+            _out(
+                f"approval #{a.id} granted: {a.rule} for {_subject_text(a.subject)}, "
+                f"{a.valid_from.astimezone(tz):%Y-%m-%d %H:%M} to "
+                f"{a.valid_until.astimezone(tz):%Y-%m-%d %H:%M}; "
+                f"{n} existing finding{'s' if n != 1 else ''} now approved"
+            )
+            return 0
+        if args.action == "revoke":
+            if not config.people.may_approve(args.by):
+                raise PermissionDenied(
+                    f"{args.by} may not revoke approvals (only the centre manager or a deputy)"
+                )
+            a, n = store.revoke_approval(args.id, by=args.by.lower(), reason=args.reason, now=now_utc())
+            _out(f"approval #{a.id} revoked; {n} finding{'s' if n != 1 else ''} reopened")
+            return 0
+        approvals = store.list_approvals(active_at=now_utc() if args.active else None)
+    if args.format == "json":
+        _out(
+            json.dumps(
+                [
+                    {
+                        "id": a.id,
+                        "rule": a.rule,
+                        "subject": a.subject.as_dict(),
+                        "valid_from": a.valid_from.isoformat(),
+                        "valid_until": a.valid_until.isoformat(),
+                        "approved_by": a.approved_by,
+                        "reason": a.reason,
+                        "granted_at": a.granted_at.isoformat(),
+                        "revoked_at": a.revoked_at.isoformat() if a.revoked_at else None,
+                        "revoked_by": a.revoked_by,
+                        "revoke_reason": a.revoke_reason,
+                        "active": a.is_active(now_utc()),
+                    }
+                    for a in approvals
+                ],
+                indent=2,
+            )
+        )
+    else:
+        rows = [
+            [
+                str(a.id),
+                a.rule,
+                _subject_text(a.subject),
+                f"{a.valid_from.astimezone(tz):%Y-%m-%d %H:%M}",
+                f"{a.effective_until.astimezone(tz):%Y-%m-%d %H:%M}",
+                a.approved_by,
+                "revoked" if a.revoked_at else ("active" if a.is_active(now_utc()) else "inactive"),
+                a.reason,
+            ]
+            for a in approvals
+        ]
+        _out(_table(rows, ["ID", "RULE", "SUBJECT", "FROM", "UNTIL", "BY", "STATE", "REASON"]))
+    return 0
+
+
+def build_digest(config: Config, store: Store, policy: Policy, day: date, now: datetime) -> DigestData:
+    tz = config.organisation.tz
+    start = datetime.combine(day, time(0), tz).astimezone(UTC)
+    end = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(UTC)
+    everything = store.list_findings(with_evidence=True)
+    new = [f for f in everything if start <= f.created_at < end]
+    still_open = [f for f in everything if f.status == Status.OPEN and f.created_at < start]
+    runs = store.last_runs()
+    configured = [s.name for s in (*config.mail.sources, *config.network.sources)]
+    counts: dict[str, int] = {}
+    for f in everything:
+        counts[f.status.value] = counts.get(f.status.value, 0) + 1
+    return DigestData(
+        organisation=config.organisation.name,
+        day=day,
+        generated_at=now,
+        new=new,
+        still_open=still_open,
+        approvals=store.list_approvals(),
+        health=runs,
+        clauses=policy.clauses,
+        rule_titles={k: v.title for k, v in policy.rules.items()},
+        counts=counts,
+        never_run=[n for n in configured if n not in {r.source for r in runs}],
+        cap=config.digest.max_items_per_section,
+        config_hint=f" --config {config.path}",
+    )
+
+
+def cmd_digest(args: argparse.Namespace) -> int:
+    config = _load(args)
+    policy = load_policy(config.policy.dir)
+    now = now_utc()
+    day = date.fromisoformat(args.date) if args.date else now.astimezone(config.organisation.tz).date()
+    if args.send:
+        raise UsageError("sending by SMTP is not in this version yet; use --output FILE")
+    with _store(config) as store:
+        data = build_digest(config, store, policy, day, now)
+    text = render_html(data) if args.format == "html" else render_text(data)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        _out(f"digest for {day} written to {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from auditd.demo import run_demo
+
+    return run_demo(
+        Path(args.config) if args.config else None, Path(args.out) if args.out else None, now_utc()
+    )
+
+
+# ---- the parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (else $CHOYSEZ_AUDITD_CONFIG, else /etc/choysez-auditd/config.toml)",
+    )
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[common],
+        description="Audit Choysez mail and classroom traffic against the social media policy.",
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run the whole pipeline on the bundled sample school"
+    )
+    demo.add_argument(
+        "--out", metavar="DIR", help="where to write the digest (default: the sample school's out/)"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    check = sub.add_parser("check", parents=[common], help="validate config, policies and directories")
+    check.add_argument("--offline", action="store_true", help="do not try to reach the sources")
+    check.set_defaults(func=cmd_check)
+
+    ins = sub.add_parser("inspect", parents=[common], help="classify files without storing anything")
+    ins.add_argument("paths", nargs="+", metavar="PATH")
+    ins.add_argument("--format", choices=["jsonl", "table"], default="jsonl")
+    ins.add_argument("--only-matches", action="store_true", help="only lines that match a service or a rule")
+    ins.set_defaults(func=cmd_inspect)
+
+    scan = sub.add_parser("scan", parents=[common], help="one pass over the configured sources")
+    scan_sub = scan.add_subparsers(dest="what", required=True, metavar="mail|net")
+    sm = scan_sub.add_parser("mail", parents=[common], help="scan mail sources (incremental)")
+    sm.add_argument("--source", metavar="NAME")
+    sn = scan_sub.add_parser("net", parents=[common], help="scan network sources, or the given files")
+    sn.add_argument("--source", metavar="NAME")
+    sn.add_argument("paths", nargs="*", metavar="PATH")
+    scan.set_defaults(func=cmd_scan)
+
+    fnd = sub.add_parser("findings", parents=[common], help="list, confirm or dismiss findings")
+    fnd.add_argument("--since", metavar="DATE")
+    fnd.add_argument("--rule", metavar="ID")
+    fnd.add_argument("--status", choices=[s.value for s in Status])
+    fnd.add_argument("--subject", metavar="SUBJECT", help="e.g. staff:jane.smith@choysez.org.uk")
+    fnd.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    fnd.set_defaults(func=cmd_findings, action="list")
+    fsub = fnd.add_subparsers(dest="action", metavar="confirm|dismiss")
+    conf = fsub.add_parser("confirm", parents=[common], help="confirm a finding after review")
+    conf.add_argument("id", type=int)
+    conf.add_argument("--by", required=True, metavar="EMAIL")
+    conf.add_argument("--note", metavar="TEXT")
+    dis = fsub.add_parser("dismiss", parents=[common], help="dismiss a finding, with the reason")
+    dis.add_argument("id", type=int)
+    dis.add_argument("--by", required=True, metavar="EMAIL")
+    dis.add_argument("--reason", required=True, metavar="TEXT")
+
+    apr = sub.add_parser("approvals", parents=[common], help="grant, revoke or list approved exceptions")
+    asub = apr.add_subparsers(dest="action", required=True, metavar="grant|revoke|list")
+    gr = asub.add_parser("grant", parents=[common], help="grant an exception (centre manager or deputy)")
+    gr.add_argument("--rule", required=True, metavar="ID")
+    gr.add_argument("--subject", required=True, metavar="SUBJECT")
+    gr.add_argument("--from", required=True, metavar="DATETIME")
+    gr.add_argument("--until", required=True, metavar="DATETIME")
+    gr.add_argument("--approved-by", required=True, metavar="EMAIL")
+    gr.add_argument("--reason", required=True, metavar="TEXT")
+    rv = asub.add_parser("revoke", parents=[common], help="revoke an approval")
+    rv.add_argument("id", type=int)
+    rv.add_argument("--by", required=True, metavar="EMAIL")
+    rv.add_argument("--reason", required=True, metavar="TEXT")
+    ls = asub.add_parser("list", parents=[common], help="list approvals")
+    ls.add_argument("--active", action="store_true")
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    apr.set_defaults(func=cmd_approvals)
+
+    dg = sub.add_parser("digest", parents=[common], help="write or send the daily digest")
+    dg.add_argument("--date", metavar="YYYY-MM-DD")
+    mode = dg.add_mutually_exclusive_group()
+    mode.add_argument("--send", action="store_true")
+    mode.add_argument("--output", metavar="FILE")
+    dg.add_argument("--format", choices=["html", "text"], default="text")
+    dg.set_defaults(func=cmd_digest)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        result: int = args.func(args)
+        return result
+    except AuditError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
