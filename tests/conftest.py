@@ -1,0 +1,53 @@
+"""Shared fixtures: the sample school, the installed command, and the shared corpus (when present)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "deploy" / "sample-school"
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "corpus"
+COMMAND = Path(sys.executable).parent / "choysez-auditd"
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def corpus_path(*parts: str) -> Path:
+    """A file of the shared corpus, or skip: a user's clone has no ../shared beside it."""
+    path = CORPUS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared corpus not present ({path}); it exists only beside the project's own checkout")
+    return path
+
+
+@pytest.fixture
+def school(tmp_path: Path) -> Path:
+    """A private copy of the bundled sample school, so tests never touch the demo's store."""
+    dest = tmp_path / "school"
+    shutil.copytree(SAMPLE, dest, ignore=shutil.ignore_patterns("auditd.db*", "out"))
+    return dest
+
+
+@pytest.fixture
+def cli() -> Run:
+    """Run the installed `choysez-auditd` command as a user would."""
+    assert COMMAND.exists(), f"{COMMAND} is not installed (run make test)"
+
+    def run(
+        *args: str | Path, check: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(COMMAND), *map(str, args)], capture_output=True, text=True, timeout=120, env=env, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    return run
