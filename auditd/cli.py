@@ -276,7 +276,13 @@ def _emitter(fmt: str) -> Callable[[dict[str, JSONValue]], None]:
             svc = obj["service"] or "-"
             _out(f"{obj['ts']}  {obj['client']:<39} {obj['via']:<9} {svc:<12} {obj['host']}")
         else:
-            rules = ",".join(str(f["rule"]) for f in obj["findings"] if isinstance(f, dict)) or "-"  # type: ignore[union-attr]
+            found = obj["findings"]
+            rules = (
+                ",".join(str(f["rule"]) for f in found if isinstance(f, dict))
+                if isinstance(found, list)
+                else ""
+            )
+            rules = rules or "-"
             _out(f"{obj['date'] or '-':<25} {obj['from'] or '-':<40} {rules}")
 
     return table_row

@@ -81,6 +81,22 @@ class NetObservation:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardingRule:
+    """A mailbox rule or setting that forwards or redirects mail automatically (Graph, EWS, Sieve).
+
+    Read from a server's inbox rules, not from a message; `targets` are lower-case addresses.
+    """
+
+    source: str
+    mailbox: str
+    name: str
+    targets: tuple[str, ...]
+    enabled: bool
+    seen_at: datetime
+    action: str = "forward"  # forward | redirect | forward-as-attachment | smtp-forwarding
+
+
+@dataclass(frozen=True, slots=True)
 class Subject:
     """Who or what a finding or an approval is about; unset parts are None."""
 

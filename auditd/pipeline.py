@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-from collections.abc import Callable, Iterable, Iterator
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from auditd.config import Config, FileMailSource, FileNetSource
+from auditd.config import Config, EwsSource, FileMailSource, FileNetSource, GraphSource, ImapSource
 from auditd.directory import People, load_devices, load_directory
 from auditd.errors import AuditError, InputError, SourceError
-from auditd.model import Finding, MailMessage, NetObservation
+from auditd.model import Finding, ForwardingRule, MailMessage, NetObservation
 from auditd.policy import Classifier, Policy, load_policy
 from auditd.rules.mail import MailRules
 from auditd.rules.net import RoomIndex, Thresholds, streaming_in_class
@@ -26,6 +28,7 @@ from auditd.sources.pcap import CaptureStats, read_capture
 from auditd.store import Store
 
 BATCH = 500
+ServerMailSource = ImapSource | EwsSource | GraphSource
 
 
 @dataclass
@@ -89,7 +92,8 @@ def _record(ctx: Context, findings: list[Finding], report: SourceReport, now: da
     if not findings:
         return
     approvals = ctx.store.list_approvals()
-    result = ctx.store.record_findings(findings, now=now, approvals=approvals)
+    horizon = now - timedelta(days=ctx.config.store.retention_days)
+    result = ctx.store.record_findings(findings, now=now, approvals=approvals, not_before=horizon)
     report.new += result.new
     report.seen += len(findings)
     for f in findings:
@@ -123,30 +127,35 @@ def _run(
 # ---- mail -------------------------------------------------------------------------------------
 
 
-def _mail_batches(
-    ctx: Context,
-    report: SourceReport,
-    now: datetime,
-    messages: Iterable[tuple[MailMessage, str]],
-    source: str,
-) -> None:
-    """Evaluate messages and commit findings with the checkpoint every BATCH messages."""
+MailItems = Iterable[tuple[MailMessage | None, Mapping[str, str]]]
+
+
+def _mail_batches(ctx: Context, report: SourceReport, now: datetime, items: MailItems, source: str) -> None:
+    """Evaluate messages; commit findings with the checkpoints every BATCH messages.
+
+    Each item is a message (or None for a checkpoint-only update) and the checkpoint updates
+    that hold once it and everything before it are committed.
+    """
     rules = ctx.mail_rules()
     findings: list[Finding] = []
-    checkpoint: str | None = None
+    pending: dict[str, str] = {}
 
     def flush() -> None:
         with ctx.store.transaction():
             _record(ctx, findings, report, now)
-            if checkpoint is not None:
-                ctx.store.set_checkpoint(source, "position", checkpoint, now)
+            for key, value in pending.items():
+                ctx.store.set_checkpoint(source, key, value, now)
         findings.clear()
+        pending.clear()
 
-    for count, (msg, position) in enumerate(messages, 1):
-        report.items += 1
-        findings.extend(rules.evaluate(msg, now=now))
-        checkpoint = position
-        if count % BATCH == 0:
+    count = 0
+    for msg, updates in items:
+        if msg is not None:
+            count += 1
+            report.items += 1
+            findings.extend(rules.evaluate(msg, now=now))
+        pending.update(updates)
+        if msg is not None and count % BATCH == 0:
             flush()
     flush()
 
@@ -154,21 +163,21 @@ def _mail_batches(
 def _scan_mail_file_source(ctx: Context, src: FileMailSource, report: SourceReport, now: datetime) -> None:
     stats = MailStats()
     previous = ctx.store.get_checkpoint(src.name, "position")
-    messages: Iterator[tuple[MailMessage, str]]
+    messages: MailItems
     if src.type == "maildir":
         since = int(previous) if previous and previous.isdigit() else 0
         messages = (
-            (m, str(mtime))
+            (m, {"position": str(mtime)})
             for m, mtime in read_maildir(src.path, source=src.name, since_mtime_ns=since, stats=stats)
         )
     elif src.type == "mbox":
         offset = _mbox_offset(src.path, previous)
         messages = (
-            (m, f"{_identity(src.path)}:{pos}")
+            (m, {"position": f"{_identity(src.path)}:{pos}"})
             for m, pos in read_mbox(src.path, source=src.name, offset=offset, stats=stats)
         )
     else:
-        messages = _eml_messages(src, stats)
+        messages = ((m, {}) for m, _ in _eml_messages(src, stats))
     _mail_batches(ctx, report, now, messages, src.name)
     report.skipped = stats.unparseable
     report.first_problem = stats.first_problem
@@ -212,8 +221,51 @@ def scan_mail(ctx: Context, *, now: datetime, only: str | None = None) -> list[S
                 _run(ctx, src.name, "mail", now, partial(_scan_mail_file_source, ctx, src, now=now))
             )
         else:
-            reports.append(_run(ctx, src.name, "mail", now, partial(_unavailable, src.type)))
+            reports.append(_run(ctx, src.name, "mail", now, partial(_scan_mailbox, ctx, src, now=now)))
     return reports
+
+
+def _backend(kind: str, name: str) -> Callable[..., Any]:
+    """The reader of a server backend (`auditd.sources.imap.read_imap` ...), imported when used."""
+    try:
+        module = importlib.import_module(f"auditd.sources.{kind}")
+        fn: Callable[..., Any] = getattr(module, name)
+    except (ImportError, AttributeError):
+        raise SourceError(f"the {kind} backend is not in this version of choysez-auditd yet") from None
+    return fn
+
+
+def _scan_mailbox(ctx: Context, src: ServerMailSource, report: SourceReport, now: datetime) -> None:
+    """One incremental pass over a server mailbox source (IMAP, EWS, Graph), then its inbox rules."""
+    stats = MailStats()
+    read = _backend(src.type, f"read_{src.type}")
+    previous = ctx.store.get_checkpoints(src.name)
+    items: MailItems = read(src, base=ctx.config.base, previous=previous, stats=stats)
+    _mail_batches(ctx, report, now, items, src.name)
+    report.skipped = stats.unparseable
+    report.first_problem = stats.first_problem
+    if src.type in ("ews", "graph"):
+        rules = _backend(src.type, f"forwarding_rules_{src.type}")(src, base=ctx.config.base, now=now)
+        findings = forwarding_findings(rules, ctx)
+        with ctx.store.transaction():
+            _record(ctx, findings, report, now)
+
+
+def forwarding_findings(rules: Iterable[ForwardingRule], ctx: Context) -> list[Finding]:
+    """MAIL-AUTO-FORWARD findings for inbox rules, when the mail rules module provides them."""
+    from auditd.rules import mail as mail_rules
+
+    fn = getattr(mail_rules, "forwarding_findings", None)
+    if fn is None:
+        return []
+    found: list[Finding] = fn(
+        rules,
+        is_official=ctx.config.organisation.is_official,
+        people=ctx.people,
+        spec=ctx.policy.rules["MAIL-AUTO-FORWARD"],
+        now=datetime.now(UTC),
+    )
+    return found
 
 
 def _unavailable(kind: str, report: SourceReport) -> None:

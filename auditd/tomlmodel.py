@@ -50,8 +50,9 @@ def describe(err: ValidationError, data: Any = None) -> str:
         msg = "required key is missing"
     else:
         msg = first["msg"].removeprefix("Value error, ")
-        shown = repr(first.get("input"))
-        if not isinstance(first.get("input"), dict | list | type(None)) and len(shown) <= 60 and shown not in msg:
+        given = first.get("input")
+        shown = repr(given)
+        if not isinstance(given, dict | list | type(None)) and len(shown) <= 60 and shown not in msg:
             msg += f" (got {shown})"
     more = len(err.errors()) - 1
     suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""

@@ -121,18 +121,16 @@ def render_text(d: DigestData) -> str:
                     out.append(f"        - {reason}")
                 shown += 1
     if len(d.reportable) > shown:
-        out.append(
-            f"  … and {len(d.reportable) - shown} more: choysez-auditd findings --status open{d.config_hint}"
-        )
+        more = len(d.reportable) - shown
+        out.append(f"  … and {more} more: choysez-auditd findings --status open{d.config_hint}")
     out += ["", "STILL OPEN FROM BEFORE"]
     if not d.still_open:
         out.append("  None.")
     for f in d.still_open[: d.cap]:
         out.append(f"  {describe(f)} ({_days_running(f, d.day)})")
     if len(d.still_open) > d.cap:
-        out.append(
-            f"  … and {len(d.still_open) - d.cap} more: choysez-auditd findings --status open{d.config_hint}"
-        )
+        more = len(d.still_open) - d.cap
+        out.append(f"  … and {more} more: choysez-auditd findings --status open{d.config_hint}")
     out += ["", "APPROVED EXCEPTIONS"]
     if d.suppressed:
         out.append("  Suppressed today:")
