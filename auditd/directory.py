@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,24 @@ from auditd.errors import ConfigError
 STAFF_HEADER = ("name", "email", "role", "personal_emails")
 COMMUNITY_HEADER = ("name", "email", "relationship", "pupil")
 RELATIONSHIPS = ("pupil", "parent", "carer")
+_TITLES = frozenset({"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "sir", "rev"})
+
+
+def name_key(name: str) -> str:
+    """A person's name for comparison: accents, case, punctuation and titles ignored.
+
+    "Smith, Jane" (Outlook's directory order) and "Mrs Jane Smith" both give "jane smith".
+    """
+    name = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", name)
+    if "," in name:
+        last, _, first = name.partition(",")
+        name = f"{first} {last}"
+    plain = unicodedata.normalize("NFKD", name)
+    plain = "".join(c for c in plain if not unicodedata.combining(c)).casefold()
+    words = re.sub(r"[^\w\s'-]|[\d_]", " ", plain).replace("'", "").replace("-", " ").split()
+    while words and words[0].rstrip(".") in _TITLES:
+        words = words[1:]
+    return " ".join(words)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,16 +61,29 @@ class People:
     by_official: dict[str, StaffMember] = field(default_factory=dict)
     by_personal: dict[str, StaffMember] = field(default_factory=dict)
     community_by_email: dict[str, CommunityMember] = field(default_factory=dict)
+    staff_by_name: dict[str, tuple[StaffMember, ...]] = field(default_factory=dict)
+    community_by_name: dict[str, tuple[CommunityMember, ...]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, staff: list[StaffMember], community: list[CommunityMember]) -> People:
+        staff_names: dict[str, tuple[StaffMember, ...]] = {}
+        for s in staff:
+            staff_names[name_key(s.name)] = (*staff_names.get(name_key(s.name), ()), s)
+        community_names: dict[str, tuple[CommunityMember, ...]] = {}
+        for c in community:
+            community_names[name_key(c.name)] = (*community_names.get(name_key(c.name), ()), c)
         return cls(
             staff=tuple(staff),
             community=tuple(community),
             by_official={s.email: s for s in staff},
             by_personal={p: s for s in staff for p in s.personal_emails},
             community_by_email={c.email: c for c in community if c.email},
+            staff_by_name=staff_names,
+            community_by_name=community_names,
         )
+
+    def is_staff_address(self, email: str) -> bool:
+        return email in self.by_official or email in self.by_personal
 
     @property
     def pupil_names(self) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ failure is recorded as its health without stopping the others.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -16,15 +17,25 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from auditd.config import Config, EwsSource, FileMailSource, FileNetSource, GraphSource, ImapSource
+from auditd.config import (
+    Config,
+    EwsSource,
+    FileMailSource,
+    FileNetSource,
+    GraphSource,
+    ImapSource,
+    LiveNetSource,
+)
 from auditd.directory import People, load_devices, load_directory
 from auditd.errors import AuditError, InputError, SourceError
 from auditd.model import Finding, ForwardingRule, MailMessage, NetObservation
 from auditd.policy import Classifier, Policy, load_policy
 from auditd.rules.mail import MailRules
 from auditd.rules.net import RoomIndex, Thresholds, streaming_in_class
+from auditd.sources.live import completed, spool_dir
 from auditd.sources.mailfile import MailStats, read_eml, read_maildir, read_mbox
-from auditd.sources.pcap import CaptureStats, read_capture
+from auditd.sources.netlogs import LogStats, Resume, checkpoint_for, detect_log, read_log, resume_point
+from auditd.sources.pcap import CaptureStats, is_capture, read_capture
 from auditd.store import Store
 
 BATCH = 500
@@ -58,6 +69,7 @@ class Context:
     policy: Policy
     people: People
     store: Store
+    stop: Callable[[], bool] | None = None  # the daemon's shutdown flag, checked between batches
 
     @classmethod
     def load(cls, config: Config, store: Store) -> Context:
@@ -157,6 +169,8 @@ def _mail_batches(ctx: Context, report: SourceReport, now: datetime, items: Mail
         pending.update(updates)
         if msg is not None and count % BATCH == 0:
             flush()
+            if ctx.stop is not None and ctx.stop():
+                return  # shutting down: this batch and its checkpoint are committed; resume there
     flush()
 
 
@@ -165,11 +179,7 @@ def _scan_mail_file_source(ctx: Context, src: FileMailSource, report: SourceRepo
     previous = ctx.store.get_checkpoint(src.name, "position")
     messages: MailItems
     if src.type == "maildir":
-        since = int(previous) if previous and previous.isdigit() else 0
-        messages = (
-            (m, {"position": str(mtime)})
-            for m, mtime in read_maildir(src.path, source=src.name, since_mtime_ns=since, stats=stats)
-        )
+        messages = _maildir_messages(src, previous, stats)
     elif src.type == "mbox":
         offset = _mbox_offset(src.path, previous)
         messages = (
@@ -181,6 +191,22 @@ def _scan_mail_file_source(ctx: Context, src: FileMailSource, report: SourceRepo
     _mail_batches(ctx, report, now, messages, src.name)
     report.skipped = stats.unparseable
     report.first_problem = stats.first_problem
+
+
+def _maildir_messages(src: FileMailSource, previous: str | None, stats: MailStats) -> MailItems:
+    """Maildir from its checkpoint: the newest mtime read, and the files read at that mtime."""
+    since, seen = 0, frozenset[str]()
+    if previous:
+        stamp, _, names = previous.partition(" ")
+        if stamp.isdigit():
+            since, seen = int(stamp), frozenset(n for n in names.split("/") if n)
+    for msg, (mtime, key) in read_maildir(
+        src.path, source=src.name, since_mtime_ns=since, seen=seen, stats=stats
+    ):
+        if mtime != since:
+            since, seen = mtime, frozenset()
+        seen = seen | {key}
+        yield msg, {"position": f"{since} {'/'.join(sorted(seen))}"}
 
 
 def _identity(path: Path) -> str:
@@ -276,13 +302,36 @@ def _unavailable(kind: str, report: SourceReport) -> None:
 
 
 def classify(observations: Iterable[NetObservation], classifier: Classifier) -> Iterator[NetObservation]:
-    """Fill in service and category from the lists; names the lists do not know stay null."""
+    """Fill in service and category from the lists; names the lists do not know stay null.
+
+    A nameless flow (`via="ip"`) is kept only when its server is in a published address range,
+    and then reads as `via="ip-range"` with the address as its host.
+    """
+    lookup = functools.lru_cache(maxsize=1 << 16)(classifier.classify)  # logs repeat names a lot
     for o in observations:
-        hit = classifier.classify(o.host)
+        if o.via == "ip":
+            by_range = classifier.classify_address(o.server)
+            if by_range is not None and by_range.service is not None:
+                yield dataclasses.replace(
+                    o, host=o.server, via="ip-range", service=by_range.service, category=by_range.category
+                )
+            continue
+        hit = lookup(o.host)
         if hit is not None and hit.service is not None:
             yield dataclasses.replace(o, service=hit.service, category=hit.category)
         else:
             yield o
+
+
+def matches_only(classifier: Classifier) -> Callable[[str], bool]:
+    """A name filter for log readers: True for names a list gives a service, each looked up once."""
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def keep(host: str) -> bool:
+        hit = classifier.classify(host)
+        return hit is not None and hit.service is not None
+
+    return keep
 
 
 def _capture_files(pattern: str) -> list[Path]:
@@ -333,14 +382,161 @@ def _scan_captures(
             ctx.store.set_checkpoint(name, key, state, now)
 
 
+# Following a log: each run re-reads the last LOG_CONTEXT of what matched before (from the
+# checkpoint's window offset), so that a session or a flow that straddles two runs is evaluated
+# whole: Zeek's conn.log and Suricata's flow events are written when a connection ends, long after
+# the name was logged, and a session needs all its observations. Findings are de-duplicated by
+# fingerprint, so what the window shows again adds nothing; only lines after the checkpoint count
+# as read or skipped. A session or flow longer than the window is seen only in part.
+LOG_CONTEXT = timedelta(hours=2)
+LOG_TYPES = frozenset(("zeek", "suricata", "squid", "dnsmasq", "bind"))
+
+
+def _line_start(path: Path, end: int) -> int:
+    """The offset of the start of the line that ends at `end` (just after its newline)."""
+    pos = max(end - 1, 0)
+    with path.open("rb") as fh:
+        while pos > 0:
+            step = min(pos, 64 * 1024)
+            fh.seek(pos - step)
+            chunk = fh.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                return pos - step + nl + 1
+            pos -= step
+    return 0
+
+
+def _read_log_part(
+    ctx: Context,
+    name: str,
+    path: Path,
+    kind: str,
+    *,
+    start: int,
+    new_from: int,
+    hold_partial: bool,
+    keep: Callable[[str], bool],
+    matched: list[NetObservation],
+    report: SourceReport,
+    now: datetime,
+) -> tuple[int, int]:
+    """Read `path` from `start`, keeping matched observations; (end offset, next window start)."""
+    stats = LogStats(count_from=new_from)
+    marks: list[tuple[datetime, int]] = []
+    found = read_log(
+        path,
+        kind,
+        source=name,
+        stats=stats,
+        offset=start,
+        tz=ctx.config.organisation.tz,
+        keep=keep,
+        hold_partial=hold_partial,
+    )
+    for o in classify((o for o, _ in _marked(found, marks)), ctx.classifier()):
+        if o.service is not None:
+            matched.append(o)
+    report.items += stats.lines
+    report.skipped += stats.skipped
+    if stats.first_skipped and report.first_problem is None:
+        report.first_problem = f"{path}: {stats.first_skipped}"
+    end = stats.end
+    if not marks:
+        return end, end
+    cutoff = max(max(ts for ts, _ in marks), now) - LOG_CONTEXT
+    after = [e for ts, e in marks if ts >= cutoff]
+    return end, (_line_start(path, min(after)) if after else end)
+
+
+def _marked(
+    found: Iterable[tuple[NetObservation, int]], marks: list[tuple[datetime, int]]
+) -> Iterator[tuple[NetObservation, int]]:
+    for o, end in found:
+        marks.append((o.last_seen or o.ts, end))
+        yield o, end
+
+
+def _scan_logs(
+    ctx: Context,
+    name: str,
+    files: list[tuple[Path, str]],
+    report: SourceReport,
+    now: datetime,
+    incremental: bool,
+) -> None:
+    """Like `_scan_captures`, for network logs: each file from its checkpoint (see LOG_CONTEXT)."""
+    keep = matches_only(ctx.classifier())
+    matched: list[NetObservation] = []
+    done: list[tuple[str, str]] = []
+    for f, kind in files:
+        key = f"log:{f.resolve()}"
+        resume = resume_point(f, ctx.store.get_checkpoint(name, key)) if incremental else Resume()
+        if resume.done:
+            continue
+        part = partial(_read_log_part, ctx, name, keep=keep, matched=matched, report=report, now=now)
+        if resume.rotated is not None:
+            part(
+                resume.rotated,
+                kind,
+                start=resume.rotated_context,
+                new_from=resume.rotated_offset,
+                hold_partial=False,
+            )
+        end, window = part(f, kind, start=resume.context, new_from=resume.offset, hold_partial=incremental)
+        done.append((key, checkpoint_for(f, end, window)))
+    _evaluate_net(ctx, name, matched, done, report, now)
+
+
+def _evaluate_net(
+    ctx: Context,
+    name: str,
+    matched: list[NetObservation],
+    done: list[tuple[str, str]],
+    report: SourceReport,
+    now: datetime,
+) -> None:
+    cfg = ctx.config
+    findings = streaming_in_class(
+        matched,
+        rooms=RoomIndex.build(cfg.network.rooms),
+        timetable=cfg.timetable,
+        tz=cfg.organisation.tz,
+        thresholds=ctx.thresholds(),
+        spec=ctx.policy.rules["NET-STREAMING-IN-CLASS"],
+        devices=load_devices(cfg.network.devices) if cfg.network.devices else None,
+    )
+    with ctx.store.transaction():
+        _record(ctx, findings, report, now)
+        for key, state in done:
+            ctx.store.set_checkpoint(name, key, state, now)
+
+
+def _scan_paths(
+    ctx: Context, name: str, kinds: list[tuple[Path, str | None]], report: SourceReport, now: datetime
+) -> None:
+    """Files given on the command line: network logs by what they hold, everything else as a capture
+    (whose reader says what is wrong with a file that is neither)."""
+    captures = [p for p, k in kinds if k is None]
+    logs = [(p, k) for p, k in kinds if k is not None]
+    if captures:
+        _scan_captures(ctx, name, captures, report, now, incremental=False)
+    if logs:
+        _scan_logs(ctx, name, logs, report, now, incremental=False)
+
+
+def _log_files(pattern: str, kind: str) -> list[tuple[Path, str]]:
+    """The files of a log source that are logs of its type (a Zeek folder also holds other files)."""
+    return [(f, kind) for f in _capture_files(pattern) if detect_log(f) == kind]
+
+
 def scan_net(
     ctx: Context, *, now: datetime, only: str | None = None, paths: list[Path] | None = None
 ) -> list[SourceReport]:
     if paths:
         name = only or "files"
-        return [
-            _run(ctx, name, "net", now, partial(_scan_captures, ctx, name, paths, now=now, incremental=False))
-        ]
+        kinds = [(p, None if is_capture(p) else detect_log(p)) for p in paths]
+        return [_run(ctx, name, "net", now, partial(_scan_paths, ctx, name, kinds, now=now))]
     sources = [s for s in ctx.config.network.sources if s.enabled and (only is None or s.name == only)]
     if only is not None and not sources:
         raise InputError(f"no enabled network source named {only!r}", where=str(ctx.config.path))
@@ -356,6 +552,30 @@ def scan_net(
                 _scan_captures(ctx, s.name, files, r, now, incremental=True)
 
             reports.append(_run(ctx, src.name, "net", now, body))
+        elif isinstance(src, FileNetSource) and src.type in LOG_TYPES:
+            pattern = src.resolved(ctx.config.base)
+
+            def log_body(r: SourceReport, s: FileNetSource = src, pattern: str = pattern) -> None:
+                files = _log_files(pattern, s.type)
+                if not files:
+                    raise SourceError(f"no {s.type} logs match {pattern}")
+                _scan_logs(ctx, s.name, files, r, now, incremental=True)
+
+            reports.append(_run(ctx, src.name, "net", now, log_body))
+        elif isinstance(src, LiveNetSource):
+            reports.append(_run(ctx, src.name, "net", now, partial(_scan_spool, ctx, src, now=now)))
         else:
             reports.append(_run(ctx, src.name, "net", now, partial(_unavailable, src.type)))
     return reports
+
+
+def _scan_spool(ctx: Context, src: LiveNetSource, report: SourceReport, now: datetime) -> None:
+    """Read the live source's completed capture files, then delete them: a spool, not an archive."""
+    files = completed(spool_dir(src, ctx.config.store.path))
+    if files:
+        _scan_captures(ctx, src.name, files, report, now, incremental=True)
+    with ctx.store.transaction():
+        for f in files:
+            ctx.store.forget_checkpoint(src.name, f"file:{f.resolve()}")
+    for f in files:
+        f.unlink(missing_ok=True)

@@ -60,6 +60,57 @@ class MailPolicy(Strict):
     pupil_weight: int = 2
     community_recipient_weight: int = 2
     terms: dict[str, int] = {}
+    # Choysez's places (sites, buildings) that count like its name.
+    places: list[str] = []
+    place_weight: int = 1
+    # Only staff among the correspondents (a chat between colleagues, or a staff member writing to
+    # themselves): business needs this higher score, so a personal matter that happens to say
+    # "term" or "class" is not business.
+    colleague_threshold: Annotated[int, Field(ge=1)] = 4
+    # Undeclared personal addresses: a personal-provider address tied to a staff member by evidence.
+    identify_undeclared: bool = True
+    undeclared_min_confidence: Literal["high", "medium"] = "medium"
+    signoff_lines: Annotated[int, Field(ge=1, le=50)] = 8
+    role_words: list[str] = [
+        "Teacher",
+        "Teaching Assistant",
+        "Youth Worker",
+        "Form Tutor",
+        "Head of",
+        "Deputy",
+        "Centre Manager",
+        "SENCO",
+        "Safeguarding Lead",
+        "Coordinator",
+        "Year",
+    ]
+    # Not contact between people: subject prefixes of auto-replies and bounces, and sender mailboxes.
+    automatic_subjects: list[str] = [
+        "Automatic reply",
+        "Auto-reply",
+        "Autoreply",
+        "Auto:",
+        "Out of Office",
+        "Out of the office",
+        "Undeliverable",
+        "Undelivered Mail",
+        "Delivery Status Notification",
+        "Mail delivery failed",
+        "Returned mail",
+        "Delivery has failed",
+    ]
+    automatic_senders: list[str] = [
+        "mailer-daemon",
+        "postmaster",
+        "no-reply",
+        "noreply",
+        "do-not-reply",
+        "donotreply",
+        "bounce",
+        "bounces",
+        "newsletter",
+        "notifications",
+    ]
 
 
 class NetPolicy(Strict):

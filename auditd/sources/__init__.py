@@ -8,11 +8,12 @@ from auditd.errors import InputError
 
 
 def detect(path: Path) -> str:
-    """What kind of input a path is: maildir, mbox, eml or capture.
+    """What kind of input a path is: maildir, mbox, eml, capture or `log:KIND` (see netlogs.LOG_KINDS).
 
     Decided by content (magic bytes, a Maildir's folders), not by the file name alone.
     """
     from auditd.sources.mailfile import is_maildir, is_mbox
+    from auditd.sources.netlogs import detect_log
     from auditd.sources.pcap import is_capture
 
     if not path.exists():
@@ -23,11 +24,16 @@ def detect(path: Path) -> str:
         raise InputError("a folder that is not a Maildir (no cur/ or new/)", where=str(path))
     if is_capture(path):
         return "capture"
+    log = detect_log(path)
+    if log is not None:
+        return f"log:{log}"
     if is_mbox(path):
         return "mbox"
     if _looks_like_message(path):
         return "eml"
-    raise InputError("not a recognised input (mail message, mbox, Maildir, pcap or pcapng)", where=str(path))
+    raise InputError(
+        "not a recognised input (mail message, mbox, Maildir, pcap, pcapng or network log)", where=str(path)
+    )
 
 
 def _looks_like_message(path: Path) -> bool:

@@ -2,11 +2,19 @@
 
 Messages are parsed with the standard library, bodies are decoded into text in memory (capped),
 and nothing is ever written back: a Maildir's files are opened read-only and never renamed.
+
+Decoding never raises on what real mail contains: RFC 2047 words in any charset (and broken ones),
+8-bit bytes in headers (UTF-8 first, else windows-1252), bodies whose declared charset is wrong,
+missing or unknown, quoted-printable and base64 (broken padding included), HTML-only bodies,
+nested message/rfc822 parts (a forwarded message: its text is what forwarding carried), broken
+boundaries and huge headers. What cannot be read is left out; the message is still classified.
 """
 
 from __future__ import annotations
 
+import codecs
 import email
+import email.errors
 import email.message
 import email.utils
 import html
@@ -15,13 +23,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.header import decode_header, make_header
+from email.header import decode_header
 from pathlib import Path
 
 from auditd.errors import InputError
 from auditd.model import Address, MailMessage
 
 TEXT_CAP = 256 * 1024  # characters of body text kept in memory per message
+HEADER_CAP = 16 * 1024  # characters of one header value looked at (a 1 MB To: is not read whole)
+ADDRESS_CAP = 500  # addresses read from one header
+DEPTH_CAP = 20  # MIME nesting followed (forwards of forwards); deeper parts are left out
 KEPT_HEADERS = frozenset(
     h.lower()
     for h in (
@@ -30,18 +41,40 @@ KEPT_HEADERS = frozenset(
         "X-MS-Exchange-Inbox-Rules-Loop",
         "X-MS-Exchange-Generated-Message-Source",
         "Resent-From",
+        "Resent-Sender",
         "Resent-To",
+        "Resent-Cc",
         "Return-Path",
+        "Delivered-To",
+        "X-Original-To",
         "Auto-Submitted",
         "Precedence",
         "List-Id",
         "List-Unsubscribe",
+        "List-Post",
+        "Feedback-ID",
         "X-Autoreply",
+        "X-Autorespond",
         "X-Auto-Response-Suppress",
+        "X-Campaign",
+        "X-Mailer",
+        "Content-Type",
         "In-Reply-To",
         "References",
     )
 )
+# Declared charsets that mail programs routinely mislabel: windows-1252 is a superset of Latin-1's
+# printable range, and "us-ascii" mail with 8-bit bytes is nearly always UTF-8 or windows-1252.
+_CHARSET_ALIASES = {
+    "iso-8859-1": "windows-1252",
+    "iso8859-1": "windows-1252",
+    "latin-1": "windows-1252",
+    "latin1": "windows-1252",
+    "us-ascii": "utf-8",
+    "ascii": "utf-8",
+    "unknown-8bit": "utf-8",
+    "x-unknown": "utf-8",
+}
 
 
 @dataclass
@@ -56,106 +89,189 @@ class MailStats:
             self.first_problem = where
 
 
-def decode_words(value: str | None) -> str:
-    """Decode RFC 2047 encoded words; unknown charsets and broken words degrade, never raise."""
-    if not value:
-        return ""
-    try:
-        return str(make_header(decode_header(value)))
-    except (LookupError, UnicodeError, ValueError, email.errors.HeaderParseError):
-        return value
-
-
-def _addresses(values: list[str]) -> tuple[Address, ...]:
-    out: list[Address] = []
-    for name, addr in email.utils.getaddresses(values):
-        addr = addr.strip().strip("<>").lower()
-        if "@" in addr:
-            out.append(Address(addr, decode_words(name).strip()))
-    return tuple(out)
-
-
-def _header_strs(msg: email.message.Message, name: str) -> list[str]:
-    return [decode_words(str(v)) for v in msg.get_all(name, [])]
-
-
-def _payload_text(part: email.message.Message) -> str:
-    raw = part.get_payload(decode=True)
-    if not isinstance(raw, bytes):
-        return ""
-    charset = part.get_content_charset() or ""
-    for cs in (charset, "utf-8", "windows-1252"):
+def decode_bytes(raw: bytes, charset: str | None = None) -> str:
+    """Bytes to text: the declared charset, else UTF-8, else windows-1252, else Latin-1 (never fails)."""
+    declared = (charset or "").strip().strip('"').lower()
+    declared = _CHARSET_ALIASES.get(declared, declared)
+    for cs in (declared, "utf-8", "windows-1252"):
         if not cs:
             continue
         try:
+            codecs.lookup(cs)
             return raw.decode(cs)
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, UnicodeError, ValueError):
             continue
     return raw.decode("latin-1")
 
 
-_TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]+>", re.S | re.I)
-_BREAKS = re.compile(r"<\s*(br|/p|/div|/tr|/li|/h\d)\b[^>]*>", re.I)
+def _raw_header(value: str) -> str:
+    """A header as the bytes parser left it (8-bit bytes as surrogates), decoded to text."""
+    value = value[:HEADER_CAP]
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return decode_bytes(raw)
+
+
+def decode_words(value: str | None) -> str:
+    """Decode RFC 2047 encoded words; unknown charsets and broken words degrade, never raise."""
+    if not value:
+        return ""
+    value = value if isinstance(value, str) else str(value)
+    value = _raw_header(value) if any("\udc80" <= c <= "\udcff" for c in value) else value[:HEADER_CAP]
+    if "=?" not in value:
+        return _unfold(value)
+    try:
+        parts = decode_header(value)
+    except (email.errors.HeaderParseError, ValueError, LookupError, UnicodeError, AssertionError):
+        return _unfold(value)
+    out: list[str] = []
+    for chunk, charset in parts:
+        out.append(decode_bytes(chunk, charset) if isinstance(chunk, bytes) else chunk)
+    return _unfold("".join(out))
+
+
+def _unfold(value: str) -> str:
+    return re.sub(r"\r?\n[ \t]*", " ", value).replace("\x00", "")
+
+
+def _addresses(values: list[str]) -> tuple[Address, ...]:
+    out: list[Address] = []
+    try:
+        pairs = email.utils.getaddresses(values)
+    except (ValueError, TypeError, IndexError):
+        pairs = []
+    for name, addr in pairs[:ADDRESS_CAP]:
+        addr = addr.strip().strip("<>").lower()
+        if "@" in addr and " " not in addr:
+            out.append(Address(addr, decode_words(name).strip().strip("'\"").strip()))
+    return tuple(out)
+
+
+def _header_strs(msg: email.message.Message, name: str) -> list[str]:
+    """Every value of one header, raw bytes decoded; encoded words are left for the caller."""
+    return [_raw_header(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
+
+
+def _payload_text(part: email.message.Message, cap: int) -> str:
+    try:
+        raw = part.get_payload(decode=True)
+    except (ValueError, TypeError, LookupError, AssertionError):
+        return ""
+    if not isinstance(raw, bytes):
+        return ""
+    try:
+        charset = part.get_content_charset() or ""
+    except (ValueError, LookupError, UnicodeError):
+        charset = ""
+    return decode_bytes(raw[: cap * 4], charset)
+
+
+_DROP = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|head|title)\b.*?(?:</\1\s*>|\Z)", re.S | re.I)
+_BREAKS = re.compile(r"<\s*(br|p|/p|div|/div|tr|/tr|li|/li|h\d|/h\d|blockquote|/blockquote|hr)\b[^>]*>", re.I)
+_TAG = re.compile(r"<[^>]*>|<[a-zA-Z/!][^>]*\Z")
 
 
 def html_to_text(markup: str) -> str:
-    """Enough of HTML-to-text for matching words: drop tags, keep line breaks, unescape."""
-    return html.unescape(_TAGS.sub(" ", _BREAKS.sub("\n", markup)))
+    """Enough of HTML-to-text for matching words: drop scripts, styles and tags; keep line breaks."""
+    text = _TAG.sub(" ", _BREAKS.sub("\n", _DROP.sub(" ", markup)))
+    text = html.unescape(text).replace("\xa0", " ")
+    return "\n".join(" ".join(line.split()) for line in text.splitlines())
 
 
 def body_text(msg: email.message.Message, cap: int = TEXT_CAP) -> str:
-    """Plain text of a message: text/plain parts, else HTML converted; attachments are skipped.
+    """Plain text of a message: of each alternative the plain part (else HTML as text); attachments skipped.
 
-    Nested message/rfc822 parts (a forwarded message) are walked too: what was forwarded matters.
+    Nested message/rfc822 parts (a forwarded message) are included, with their From and Subject:
+    what was forwarded matters.
     """
-    plain: list[str] = []
-    htmls: list[str] = []
+    out: list[str] = []
     size = 0
-    for part in msg.walk():
-        if part.is_multipart() or part.get_content_maintype() != "text":
-            continue
-        if part.get_content_disposition() == "attachment":
-            continue
-        text = _payload_text(part)
-        (plain if part.get_content_subtype() == "plain" else htmls).append(text)
-        size += len(text)
-        if size > cap:
-            break
-    text = "\n".join(plain) if plain else "\n".join(html_to_text(h) for h in htmls)
-    return text[:cap]
+
+    def add(text: str) -> None:
+        nonlocal size
+        if size < cap and text:
+            out.append(text)
+            size += len(text)
+
+    def walk(part: email.message.Message, depth: int) -> None:
+        if depth > DEPTH_CAP or size >= cap:
+            return
+        ctype = part.get_content_type()
+        if part.is_multipart():
+            children = [p for p in (part.get_payload() or []) if isinstance(p, email.message.Message)]
+            if ctype == "message/rfc822":
+                for inner in children:
+                    for name in ("From", "Subject"):
+                        for value in _header_strs(inner, name)[:1]:
+                            add(f"{name}: {decode_words(value)}\n")
+                    walk(inner, depth + 1)
+                return
+            if ctype == "multipart/alternative" and children:
+                plain = [p for p in children if p.get_content_type() == "text/plain"]
+                walk(plain[-1] if plain else children[-1], depth + 1)
+                return
+            for child in children:
+                walk(child, depth + 1)
+            return
+        if part.get_content_maintype() != "text" or part.get_content_subtype() not in ("plain", "html"):
+            return
+        if part.get_content_disposition() == "attachment" and depth > 0:
+            return
+        text = _payload_text(part, cap)
+        add(html_to_text(text) if part.get_content_subtype() == "html" else text)
+
+    walk(msg, 0)
+    return "\n".join(out)[:cap]
 
 
 def _date(msg: email.message.Message) -> datetime | None:
-    value = msg.get("Date")
-    if not value:
+    values = _header_strs(msg, "Date")
+    if not values:
         return None
     try:
-        parsed = email.utils.parsedate_to_datetime(str(value))
-    except (TypeError, ValueError, IndexError):
+        parsed = email.utils.parsedate_to_datetime(decode_words(values[0]).strip())
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def parse_message(raw: bytes, *, source: str, location: str) -> MailMessage:
     """Parse one RFC 5322 message. Malformed MIME is parsed as far as it goes; defects are counted."""
     msg = email.message_from_bytes(raw)
     defects = len(msg.defects) + sum(len(p.defects) for p in msg.walk() if p is not msg)
-    senders = _addresses(_header_strs(msg, "From"))
-    message_id = str(msg.get("Message-ID", "")).strip() or None
-    headers = tuple((k, decode_words(str(v))) for k, v in msg.items() if k.lower() in KEPT_HEADERS)
+    senders = _addresses([decode_words(v) for v in _header_strs(msg, "From")])
+    ids = _header_strs(msg, "Message-ID")
+    message_id = " ".join(ids[0].split())[:998] if ids and ids[0].strip() else None
+    headers = tuple(
+        (k, decode_words(v))
+        for k, v in ((k, _raw_header(v)) for k, v in msg.raw_items())
+        if k.lower() in KEPT_HEADERS
+    )
+
+    def addrs(name: str) -> tuple[Address, ...]:
+        return _addresses(_header_strs(msg, name))
+
+    subjects = _header_strs(msg, "Subject")
+    try:
+        text = body_text(msg)
+    except Exception:  # the headers still classify a message whose body cannot be read
+        text = ""
+        defects += 1
     return MailMessage(
         source=source,
         location=location,
         message_id=message_id,
         date=_date(msg),
         sender=senders[0] if senders else None,
-        to=_addresses(_header_strs(msg, "To")),
-        cc=_addresses(_header_strs(msg, "Cc")),
-        reply_to=_addresses(_header_strs(msg, "Reply-To")),
-        subject=decode_words(str(msg.get("Subject", ""))).strip(),
-        text=body_text(msg),
+        to=addrs("To"),
+        cc=addrs("Cc"),
+        reply_to=addrs("Reply-To"),
+        subject=decode_words(subjects[0]).strip() if subjects else "",
+        text=text,
         headers=headers,
         defects=defects,
     )
@@ -174,18 +290,29 @@ def is_maildir(path: Path) -> bool:
     return path.is_dir() and ((path / "cur").is_dir() or (path / "new").is_dir())
 
 
+def maildir_key(name: str) -> str:
+    """A Maildir file's unique part: what stays when a client renames it to change flags."""
+    return name.partition(":")[0].partition("!2,")[0]
+
+
 def read_maildir(
-    path: Path, *, source: str, since_mtime_ns: int = 0, stats: MailStats | None = None
-) -> Iterator[tuple[MailMessage, int]]:
-    """Messages in `new/` and `cur/` modified at or after `since_mtime_ns`, with their mtime.
+    path: Path,
+    *,
+    source: str,
+    since_mtime_ns: int = 0,
+    seen: frozenset[str] = frozenset(),
+    stats: MailStats | None = None,
+) -> Iterator[tuple[MailMessage, tuple[int, str]]]:
+    """Messages in `new/` and `cur/` modified at or after `since_mtime_ns`, with (mtime, key).
 
     Maildir clients rename files to change flags, which keeps the mtime, so a message is not
-    read again just because it was read or flagged.
+    read again just because it was read or flagged. Several files can share one mtime (a
+    copy, a checkout, a coarse clock): `seen` names the keys already read at `since_mtime_ns`.
     """
     stats = stats if stats is not None else MailStats()
     if not is_maildir(path):
         raise InputError("not a Maildir folder (no cur/ or new/)", where=str(path))
-    entries: list[tuple[int, Path]] = []
+    entries: list[tuple[int, str, Path]] = []
     for sub in ("new", "cur"):
         folder = path / sub
         if not folder.is_dir():
@@ -195,9 +322,10 @@ def read_maildir(
                 if entry.name.startswith(".") or not entry.is_file():
                     continue
                 mtime = entry.stat().st_mtime_ns
-                if mtime >= since_mtime_ns:
-                    entries.append((mtime, Path(entry.path)))
-    for mtime, file in sorted(entries):
+                key = maildir_key(entry.name)
+                if mtime > since_mtime_ns or (mtime == since_mtime_ns and key not in seen):
+                    entries.append((mtime, key, Path(entry.path)))
+    for mtime, key, file in sorted(entries):
         try:
             raw = file.read_bytes()
         except FileNotFoundError:
@@ -207,7 +335,7 @@ def read_maildir(
             continue
         msg = _parse_or_count(raw, source, str(file), stats)
         if msg is not None:
-            yield msg, mtime
+            yield msg, (mtime, key)
 
 
 _MBOX_FROM = re.compile(rb"^From \S+")
