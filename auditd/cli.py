@@ -8,26 +8,27 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
+import importlib
 import json
-import socket
 import sys
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from auditd import __version__
-from auditd.config import Config, FileMailSource, FileNetSource, ImapSource, config_path, load_config
+from auditd.config import Config, FileMailSource, FileNetSource, config_path, load_config
 from auditd.digest.render import DigestData, render_html, render_text
 from auditd.directory import load_devices, load_directory
 from auditd.errors import AuditError, InputError, PermissionDenied, UsageError
-from auditd.model import JSONValue, MailMessage, NetObservation, Status, StoredFinding, Subject
-from auditd.pipeline import Context, SourceReport, classify, scan_mail, scan_net
-from auditd.policy import RULE_IDS, Policy, load_policy
+from auditd.model import Approval, JSONValue, MailMessage, NetObservation, Status, StoredFinding, Subject
+from auditd.pipeline import Context, SourceReport, classify, matches_only, scan_mail, scan_net
+from auditd.policy import RULE_IDS, Classifier, Policy, load_policy
 from auditd.rules.mail import MailRules
 from auditd.sources import detect
 from auditd.sources.mailfile import MailStats, read_eml, read_maildir, read_mbox
+from auditd.sources.netlogs import LogStats, read_log
 from auditd.sources.pcap import CaptureStats, read_capture
 from auditd.store import Store
 
@@ -112,6 +113,22 @@ def finding_json(f: StoredFinding) -> dict[str, JSONValue]:
     }
 
 
+def _approval_json(a: Approval) -> dict[str, JSONValue]:
+    return {
+        "id": a.id,
+        "rule": a.rule,
+        "subject": dict(a.subject.as_dict()),
+        "valid_from": a.valid_from.isoformat(),
+        "valid_until": a.valid_until.isoformat(),
+        "approved_by": a.approved_by,
+        "reason": a.reason,
+        "granted_at": a.granted_at.isoformat(),
+        "revoked_at": a.revoked_at.isoformat() if a.revoked_at else None,
+        "revoked_by": a.revoked_by,
+        "revoke_reason": a.revoke_reason,
+    }
+
+
 def csv_cell(value: object) -> str:
     """A cell a spreadsheet will not run: formulas from hostile input are defused with a quote."""
     text = "" if value is None else str(value)
@@ -158,13 +175,12 @@ def _probe_sources(config: Config) -> list[tuple[str, str | None]]:
         if isinstance(src, FileMailSource):
             if not src.path.exists():
                 problem = f"{src.path}: not found"
-        elif isinstance(src, ImapSource):
-            try:
-                socket.create_connection((src.host, src.port), timeout=5).close()
-            except OSError as exc:
-                problem = f"cannot connect to {src.host}:{src.port}: {exc.strerror or exc}"
         else:
-            problem = f"the {src.type} backend is not in this version yet"
+            try:
+                probe = importlib.import_module(f"auditd.sources.{src.type}")
+                getattr(probe, f"probe_{src.type}")(src, config.base)
+            except AuditError as exc:
+                problem = exc.message
         results.append((src.name, problem))
     for net in config.network.sources:
         if isinstance(net, FileNetSource):
@@ -223,6 +239,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     + (f"; first: {stats.first_skipped}" if stats.first_skipped else ""),
                     sys.stderr,
                 )
+        elif kind.startswith("log:"):
+            _inspect_log(path, kind[4:], classifier, emit, args.only_matches, config)
         else:
             mstats = MailStats()
             messages: Iterator[MailMessage]
@@ -253,6 +271,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                 "personal_address": f.subject.address,
                                 "pupil_involved": f.pupil_involved,
                                 "reasons": list(f.reasons),
+                                "confidence": f.evidence[0].data.get("confidence") if f.evidence else None,
                             }
                             for f in findings
                         ],
@@ -267,9 +286,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_log(
+    path: Path,
+    kind: str,
+    classifier: Classifier,
+    emit: Callable[[dict[str, JSONValue]], None],
+    only_matches: bool,
+    config: Config | None,
+) -> None:
+    """One network log through the classifier; with --only-matches, unlisted names are never built."""
+    stats = LogStats()
+    keep = matches_only(classifier) if only_matches else None
+    tz = config.organisation.tz if config else UTC
+    observations = (o for o, _ in read_log(path, kind, source=str(path), stats=stats, tz=tz, keep=keep))
+    for o in classify(observations, classifier):
+        if only_matches and o.service is None:
+            continue
+        emit(net_json(o))
+    if stats.skipped:
+        _out(f"{PROG}: {path}: {stats.skipped} lines skipped; first: {stats.first_skipped}", sys.stderr)
+
+
 def _emitter(fmt: str) -> Callable[[dict[str, JSONValue]], None]:
     if fmt == "jsonl":
-        return lambda obj: _out(json.dumps(obj, ensure_ascii=False))
+
+        def line(obj: dict[str, JSONValue]) -> None:
+            # Block-buffered when piped: a flush per line would cost more than the parsing.
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+        return line
 
     def table_row(obj: dict[str, JSONValue]) -> None:
         if obj["kind"] == "net":
@@ -339,72 +384,91 @@ def cmd_findings(args: argparse.Namespace) -> int:
             return 0
         if args.rule and args.rule not in RULE_IDS:
             raise UsageError(f"--rule {args.rule!r}: not a rule id ({', '.join(RULE_IDS)})")
-        found = store.list_findings(
-            since=parse_when(args.since, tz) if args.since else None,
-            rule=args.rule,
-            status=Status(args.status) if args.status else None,
-            subject=parse_subject(args.subject) if args.subject else None,
-            with_evidence=args.format == "json",
-        )
-    if args.format == "json":
-        _out(json.dumps([finding_json(f) for f in found], indent=2, ensure_ascii=False))
-    elif args.format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
+        query = {
+            "since": parse_when(args.since, tz) if args.since else None,
+            "rule": args.rule,
+            "status": Status(args.status) if args.status else None,
+            "subject": parse_subject(args.subject) if args.subject else None,
+        }
+        approvals = {a.id: a for a in store.list_approvals()}
+        if args.format == "json":
+            _write_json_findings(store.iter_findings(**query, with_evidence=True), approvals)
+        elif args.format == "csv":
+            _write_csv_findings(store.iter_findings(**query))
+        else:
+            _write_table_findings(store.list_findings(**query), tz)
+    return 0
+
+
+def _write_json_findings(found: Iterator[StoredFinding], approvals: dict[int, Approval]) -> None:
+    """A JSON array written as it is read: a million findings never sit in memory at once."""
+    out = sys.stdout
+    out.write("[")
+    for n, f in enumerate(found):
+        # each finding with the approval that covers it, in full (who approved it, when and why)
+        approval = _approval_json(approvals[f.approval_id]) if f.approval_id in approvals else None
+        text = json.dumps({**finding_json(f), "approval": approval}, indent=2, ensure_ascii=False)
+        out.write(("," if n else "") + "\n" + textwrap.indent(text, "  "))
+    out.write("\n]\n")
+
+
+CSV_HEADER = (
+    "id",
+    "rule",
+    "clauses",
+    "severity",
+    "status",
+    "subject",
+    "first_seen",
+    "last_seen",
+    "occurrences",
+    "pupil_involved",
+    "approval_id",
+    "reasons",
+)
+
+
+def _write_csv_findings(found: Iterator[StoredFinding]) -> None:
+    w = csv.writer(sys.stdout)
+    w.writerow(CSV_HEADER)
+    for f in found:
         w.writerow(
             [
-                "id",
-                "rule",
-                "clauses",
-                "severity",
-                "status",
-                "subject",
-                "first_seen",
-                "last_seen",
-                "occurrences",
-                "pupil_involved",
-                "approval_id",
-                "reasons",
+                csv_cell(v)
+                for v in (
+                    f.id,
+                    f.rule,
+                    " ".join(f.clauses),
+                    f.severity.value,
+                    f.status.value,
+                    _subject_text(f.subject),
+                    f.first_seen.isoformat(),
+                    f.last_seen.isoformat(),
+                    f.occurrences,
+                    f.pupil_involved,
+                    f.approval_id or "",
+                    "; ".join(f.reasons),
+                )
             ]
         )
-        for f in found:
-            w.writerow(
-                [
-                    csv_cell(v)
-                    for v in (
-                        f.id,
-                        f.rule,
-                        " ".join(f.clauses),
-                        f.severity.value,
-                        f.status.value,
-                        _subject_text(f.subject),
-                        f.first_seen.isoformat(),
-                        f.last_seen.isoformat(),
-                        f.occurrences,
-                        f.pupil_involved,
-                        f.approval_id or "",
-                        "; ".join(f.reasons),
-                    )
-                ]
-            )
-        sys.stdout.write(buf.getvalue())
-    else:
-        rows = [
-            [
-                str(f.id),
-                f.rule,
-                f.status.value,
-                f.severity.value,
-                _subject_text(f.subject),
-                f.first_seen.astimezone(tz).strftime("%Y-%m-%d %H:%M"),
-                str(f.occurrences),
-                "yes" if f.pupil_involved else "",
-            ]
-            for f in found
+
+
+def _write_table_findings(found: list[StoredFinding], tz: Any) -> None:
+    rows = [
+        [
+            str(f.id),
+            f.rule,
+            f.status.value,
+            f.severity.value,
+            _subject_text(f.subject),
+            f.first_seen.astimezone(tz).strftime("%Y-%m-%d %H:%M"),
+            str(f.occurrences),
+            "yes" if f.pupil_involved else "",
         ]
-        _out(_table(rows, ["ID", "RULE", "STATUS", "SEV", "SUBJECT", "FIRST SEEN", "N", "PUPIL"]))
-        _out(f"{len(found)} finding{'s' if len(found) != 1 else ''}")
-    return 0
+        for f in found
+    ]
+    _out(_table(rows, ["ID", "RULE", "STATUS", "SEV", "SUBJECT", "FIRST SEEN", "N", "PUPIL"]))
+    _out(f"{len(found)} finding{'s' if len(found) != 1 else ''}")
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
@@ -488,41 +552,39 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def build_digest(config: Config, store: Store, policy: Policy, day: date, now: datetime) -> DigestData:
-    tz = config.organisation.tz
-    start = datetime.combine(day, time(0), tz).astimezone(UTC)
-    end = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(UTC)
-    everything = store.list_findings(with_evidence=True)
-    new = [f for f in everything if start <= f.created_at < end]
-    still_open = [f for f in everything if f.status == Status.OPEN and f.created_at < start]
-    runs = store.last_runs()
-    configured = [s.name for s in (*config.mail.sources, *config.network.sources)]
-    counts: dict[str, int] = {}
-    for f in everything:
-        counts[f.status.value] = counts.get(f.status.value, 0) + 1
-    return DigestData(
-        organisation=config.organisation.name,
-        day=day,
-        generated_at=now,
-        new=new,
-        still_open=still_open,
-        approvals=store.list_approvals(),
-        health=runs,
-        clauses=policy.clauses,
-        rule_titles={k: v.title for k, v in policy.rules.items()},
-        counts=counts,
-        never_run=[n for n in configured if n not in {r.source for r in runs}],
-        cap=config.digest.max_items_per_section,
-        config_hint=f" --config {config.path}",
-    )
+    """The ICT manager's digest for `day` (what was recorded from day-1 to day at `[digest] time`)."""
+    from auditd.digest.send import collect
+
+    return collect(config, store, policy, day, now)
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
+    from auditd.digest.send import SmtpSettings, current_day, deliver_day, latest_due_day
+
     config = _load(args)
     policy = load_policy(config.policy.dir)
     now = now_utc()
-    day = date.fromisoformat(args.date) if args.date else now.astimezone(config.organisation.tz).date()
+    at, tz = config.digest.at, config.organisation.tz
+    try:
+        given = date.fromisoformat(args.date) if args.date else None
+    except ValueError:
+        raise UsageError(f"--date {args.date!r}: not a date (YYYY-MM-DD)") from None
     if args.send:
-        raise UsageError("sending by SMTP is not in this version yet; use --output FILE")
+        day = given or latest_due_day(now, at, tz)
+        settings = SmtpSettings.from_config(config)
+        with _store(config) as store:
+            outcomes = deliver_day(config, store, policy, day, now, settings.send)
+        for o in outcomes:
+            if o.status == "skipped":
+                _out(f"digest for {day} to {o.recipient}: already sent (sent once only)")
+            elif o.status == "sent":
+                _out(f"digest for {day} sent to {o.recipient}")
+            else:
+                failed = f"FAILED (attempt {o.attempts}): {o.error}"
+                _out(f"digest for {day} to {o.recipient}: {failed}", sys.stderr)
+        return 1 if any(o.status == "failed" for o in outcomes) else 0
+    # Without --date: the digest being filled now, as it stands (it goes out at [digest] time).
+    day = given or current_day(now, at, tz)
     with _store(config) as store:
         data = build_digest(config, store, policy, day, now)
     text = render_html(data) if args.format == "html" else render_text(data)
@@ -536,12 +598,187 @@ def cmd_digest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from auditd.daemon import run_daemon
+
+    return run_daemon(config_path(args.config), digest_now=args.digest_now)
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """The daemon's daily retention purge, on demand."""
+    from auditd.daemon import purge_store
+
+    config = _load(args)
+    with _store(config) as store:
+        result = purge_store(config, store, now_utc())
+    _out(
+        f"purged {result.findings} findings (with their evidence), {result.runs} run records, "
+        f"{result.checkpoints} checkpoints and {result.audit} audit entries older than "
+        f"{config.store.retention_days} days ({config.store.audit_retention_days} for the audit log)"
+    )
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """Capture a live source's interface into its spool until stopped (the capture unit's job)."""
+    import signal
+    import threading
+
+    from auditd.config import LiveNetSource
+    from auditd.sources.live import capture, spool_dir
+
+    config = _load(args)
+    live = [s for s in config.network.sources if isinstance(s, LiveNetSource)]
+    chosen = [s for s in live if args.source in (None, s.name)]
+    if not chosen:
+        raise UsageError(
+            f"no live network source{' named ' + repr(args.source) if args.source else ''} in {config.path}"
+        )
+    if len(chosen) > 1:
+        raise UsageError("several live sources: name one with --source")
+    src = chosen[0]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    spool = spool_dir(src, config.store.path)
+    total = capture(
+        src,
+        spool,
+        stop=stop,
+        duration=args.duration,
+        on_file=lambda p, n: _out(f"{p.name}: {n} packets"),
+        on_ready=lambda: _out(f"{src.name}: capturing on {src.interface} ({src.bpf}) into {spool}"),
+    )
+    _out(f"{src.name}: {total} packets captured")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from auditd.demo import run_demo
 
     return run_demo(
         Path(args.config) if args.config else None, Path(args.out) if args.out else None, now_utc()
     )
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """Upgrades and backups: opening the store migrates it (keeping a `.vN.bak` copy first)."""
+    config = _load(args)
+    with _store(config) as store:
+        if args.action == "backup":
+            dest = Path(args.dest)
+            if dest.exists():
+                raise UsageError(f"{dest} exists; give a new file name")
+            store.backup(dest)
+            _out(f"store {store.path} (schema v{store.schema_version}) copied to {dest}")
+        else:
+            _out(f"store {store.path} is at schema v{store.schema_version}")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the review console until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from auditd.config import Console, _is_loopback
+    from auditd.console import serve_console
+
+    config = _load(args)
+    console = config.console or Console()
+    host = args.host or console.host
+    if not console.cookie_secure and not _is_loopback(host):
+        raise UsageError(f"--host {host}: cookie_secure = false is only allowed on a loopback host")
+    if console.auth == "local":
+        with _store(config) as store:
+            if not store.list_users():
+                _out(
+                    f"{PROG}: no console accounts yet: add one with `{PROG} users add EMAIL --role ROLE`",
+                    sys.stderr,
+                )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(h: str, p: int) -> None:
+        shown = f"[{h}]" if ":" in h else h
+        _out(f"console listening on http://{shown}:{p}/ (auth: {console.auth})")
+
+    serve_console(config, stop, host=host, port=args.port, on_ready=ready)
+    return 0
+
+
+def _read_new_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    from auditd.console.auth import check_new_password
+
+    if args.password_file:
+        path = Path(args.password_file)
+        try:
+            password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise InputError(f"cannot read the password: {exc.strerror}", where=str(path)) from None
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise UsageError("the two passwords differ")
+    problem = check_new_password(password)
+    if problem:
+        raise UsageError(problem)
+    return password
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    import getpass
+
+    from auditd.config import check_email
+    from auditd.console.auth import Role, hash_password
+
+    config = _load(args)
+    actor = f"cli:{getpass.getuser()}"
+    with _store(config) as store:
+        if args.action == "add":
+            try:
+                email = check_email(args.email)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            role = Role(args.role)
+            hashed = None if args.no_password else hash_password(_read_new_password(args))
+            store.add_user(email, role.value, hashed, by=actor, now=now_utc())
+            _out(f"user {email} added as {role.value}")
+            people = config.people
+            if role == Role.CENTRE_MANAGER and not people.may_approve(email):
+                _out(
+                    f"note: {email} is not the configured centre manager or a deputy: they will see "
+                    "approvals but may not grant or revoke them"
+                )
+            if role in (Role.ICT_MANAGER, Role.DSL) and not people.may_review(email):
+                _out(
+                    f"note: {email} is not the configured ICT manager or DSL: they will see findings but "
+                    "may not confirm or dismiss them"
+                )
+            return 0
+        if args.action == "remove":
+            store.remove_user(args.email, by=actor, now=now_utc())
+            _out(f"user {args.email.strip().lower()} removed")
+            return 0
+        users = store.list_users()
+    tz = config.organisation.tz
+    rows = [
+        [
+            u.email,
+            u.role,
+            "password" if u.password_hash else "proxy only",
+            f"{u.last_signin.astimezone(tz):%Y-%m-%d %H:%M}" if u.last_signin else "never",
+            f"{u.locked_until.astimezone(tz):%Y-%m-%d %H:%M}"
+            if u.locked_until and u.locked_until > now_utc()
+            else "",
+        ]
+        for u in users
+    ]
+    _out(_table(rows, ["EMAIL", "ROLE", "SIGN-IN", "LAST SIGN-IN", "LOCKED UNTIL"]))
+    return 0
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -590,6 +827,17 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("paths", nargs="*", metavar="PATH")
     scan.set_defaults(func=cmd_scan)
 
+    cap = sub.add_parser(
+        "capture",
+        parents=[common],
+        help="capture a live source's interface into its spool (needs CAP_NET_RAW)",
+    )
+    cap.add_argument("--source", metavar="NAME", help="the live source (needed when there are several)")
+    cap.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after this long (default: run until stopped)"
+    )
+    cap.set_defaults(func=cmd_capture)
+
     fnd = sub.add_parser("findings", parents=[common], help="list, confirm or dismiss findings")
     fnd.add_argument("--since", metavar="DATE")
     fnd.add_argument("--rule", metavar="ID")
@@ -632,6 +880,46 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--output", metavar="FILE")
     dg.add_argument("--format", choices=["html", "text"], default="text")
     dg.set_defaults(func=cmd_digest)
+
+    run = sub.add_parser("run", parents=[common], help="the daemon: scheduled scans, digest, retention")
+    run.add_argument(
+        "--digest-now", action="store_true", help="send today's digest once the first scans are done"
+    )
+    run.set_defaults(func=cmd_run)
+
+    pg = sub.add_parser("purge", parents=[common], help="delete what is older than the retention now")
+    pg.set_defaults(func=cmd_purge)
+
+    st = sub.add_parser("store", parents=[common], help="migrate or back up the findings store")
+    stsub = st.add_subparsers(dest="action", required=True, metavar="migrate|backup")
+    stsub.add_parser("migrate", parents=[common], help="bring the store to this version's schema")
+    bk = stsub.add_parser("backup", parents=[common], help="a consistent copy, safe while the daemon runs")
+    bk.add_argument("dest", metavar="FILE")
+    st.set_defaults(func=cmd_store)
+
+    con = sub.add_parser("console", parents=[common], help="the review console in the browser")
+    con.add_argument("--host", metavar="ADDRESS", help="listen address (default [console] host, 127.0.0.1)")
+    con.add_argument(
+        "--port", type=int, metavar="PORT", help="default [console] port, 8765; 0 picks a free one"
+    )
+    con.set_defaults(func=cmd_console)
+
+    us = sub.add_parser("users", parents=[common], help="the review console's accounts")
+    ussub = us.add_subparsers(dest="action", required=True, metavar="add|remove|list")
+    ua = ussub.add_parser("add", parents=[common], help="add an account (asks for the password twice)")
+    ua.add_argument("email", metavar="EMAIL")
+    ua.add_argument("--role", required=True, choices=["ict-manager", "centre-manager", "dsl", "viewer"])
+    pw = ua.add_mutually_exclusive_group()
+    pw.add_argument(
+        "--password-file", metavar="FILE", help="read the password from FILE (without its final newline)"
+    )
+    pw.add_argument(
+        "--no-password", action="store_true", help="an account that signs in only through the reverse proxy"
+    )
+    ur = ussub.add_parser("remove", parents=[common], help="remove an account and end its sessions")
+    ur.add_argument("email", metavar="EMAIL")
+    ussub.add_parser("list", parents=[common], help="list accounts")
+    us.set_defaults(func=cmd_users)
     return p
 
 

@@ -128,6 +128,7 @@ class Directory(Strict):
 class StoreConfig(Strict):
     path: Path = DEFAULT_STORE
     retention_days: Annotated[int, Field(ge=1)] = 90
+    audit_retention_days: Annotated[int, Field(ge=1)] = 730  # the audit log outlives the findings
 
     @field_validator("path")
     @classmethod
@@ -180,12 +181,33 @@ class ImapSource(_Source):
 
 class EwsSource(_Source):
     type: Literal["ews"]
-    server: str
+    server: str  # a host name (https://HOST/EWS/Exchange.asmx), or the full EWS URL
     username: str
     password_file: Path
     mailboxes: Annotated[list[Email], Field(min_length=1)]
     impersonation: bool = True
     folders: list[str] = ["inbox", "sent"]
+    auth: Literal["ntlm", "basic"] = "ntlm"
+    ca_file: Path | None = None  # PEM bundle to trust instead of the system's (a private CA)
+    max_wait_seconds: Annotated[int, Field(ge=0, le=3600)] = 300  # longest throttling back-off honoured
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
+
+    @model_validator(mode="after")
+    def _plain_only_loopback(self) -> EwsSource:
+        if self.server.lower().startswith("http://"):
+            host = (self.server[7:].split("/", 1)[0].rsplit(":", 1)[0]).strip("[]")
+            if not _is_loopback(host):
+                raise ValueError(f"plain http:// is only allowed for a loopback host, not {host!r}")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        s = self.server.rstrip("/")
+        return s if s.lower().startswith(("http://", "https://")) else f"https://{s}/EWS/Exchange.asmx"
 
 
 class GraphSource(_Source):
@@ -193,9 +215,31 @@ class GraphSource(_Source):
     tenant_id: str
     client_id: str
     client_secret_file: Path | None = None
-    certificate_file: Path | None = None
+    certificate_file: Path | None = None  # PEM holding the certificate and its private key
     mailboxes: Annotated[list[Email], Field(min_length=1)]
     folders: list[str] = ["inbox", "sentitems"]
+    graph_url: str = "https://graph.microsoft.com/v1.0"  # sovereign clouds: https://graph.microsoft.us/v1.0
+    authority: str = "https://login.microsoftonline.com/{tenant_id}"
+    ca_file: Path | None = None  # PEM bundle to trust instead of the system's (an inspecting proxy)
+    max_wait_seconds: Annotated[int, Field(ge=0, le=3600)] = 300  # longest Retry-After honoured
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> GraphSource:
+        if (self.client_secret_file is None) == (self.certificate_file is None):
+            raise ValueError("set exactly one of client_secret_file and certificate_file")
+        for key in ("graph_url", "authority"):
+            if not getattr(self, key).lower().startswith("https://"):
+                raise ValueError(f"{key} must be an https:// URL")
+        return self
+
+    @property
+    def authority_url(self) -> str:
+        return self.authority.replace("{tenant_id}", self.tenant_id).rstrip("/")
 
 
 class FileMailSource(_Source):
@@ -223,9 +267,19 @@ class FileNetSource(_Source):
 
 
 class LiveNetSource(_Source):
+    """A live interface: `choysez-auditd capture` writes rotated pcaps to `spool`; scans read them."""
+
     type: Literal["live"]
-    interface: str
+    interface: Annotated[str, Field(min_length=1)]
     bpf: str = "udp port 53 or tcp port 80 or tcp port 443 or udp port 443"
+    spool: Path | None = None  # default: spool/NAME beside the store
+    rotate_minutes: Annotated[int, Field(ge=1, le=1440)] = 5
+    snaplen: Annotated[int, Field(ge=128, le=65535)] = 512
+
+    @field_validator("spool")
+    @classmethod
+    def _spool(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
 
 
 NetSourceConfig = Annotated[FileNetSource | LiveNetSource, Field(discriminator="type")]
@@ -322,6 +376,13 @@ class Digest(Strict):
     password_file: Path | None = None
     sender: Email = Field("choysez-auditd@localhost", alias="from")
     max_items_per_section: Annotated[int, Field(ge=1)] = 25
+    ca_file: Path | None = None  # PEM bundle to trust for STARTTLS instead of the system's (a private CA)
+    retry_seconds: Annotated[int, Field(ge=1)] = 60  # first retry after a failed send; doubles up to 30 min
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
 
     @field_validator("time")
     @classmethod
@@ -339,6 +400,42 @@ class Digest(Strict):
         return _clock(self.time)
 
 
+class Console(Strict):
+    """The review console (`choysez-auditd console`; `run` serves it too when this section is present)."""
+
+    host: str = "127.0.0.1"  # loopback: a reverse proxy in front terminates TLS
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+    auth: Literal["local", "proxy-header"] = "local"
+    proxy_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")] = "X-Forwarded-Email"
+    trusted_proxies: list[str] = ["127.0.0.1", "::1"]  # only these peers may set proxy_header
+    session_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 60  # idle time before signing in again
+    cookie_secure: bool = True  # false only for plain-HTTP testing on a loopback host
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        out = []
+        for s in v:
+            try:
+                out.append(str(ipaddress.ip_network(s, strict=False)))
+            except ValueError:
+                raise ValueError(f"not an IP address or network: {s!r}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _plain_only_loopback(self) -> Console:
+        if not self.cookie_secure and not _is_loopback(self.host):
+            raise ValueError(f"cookie_secure = false is only allowed for a loopback host, not {self.host!r}")
+        return self
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n) for n in self.trusted_proxies)
+
+
 class Config(Strict):
     organisation: Organisation
     people: People
@@ -349,6 +446,7 @@ class Config(Strict):
     network: Network = Network()
     timetable: Timetable = Timetable()
     digest: Digest = Digest()
+    console: Console | None = None
     path: Path = Path("config.toml")
 
     @model_validator(mode="after")

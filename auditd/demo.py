@@ -12,6 +12,7 @@ from pathlib import Path
 from auditd.cli import build_digest, parse_subject, parse_when
 from auditd.config import load_config
 from auditd.digest.render import render_html, render_text
+from auditd.digest.send import current_day
 from auditd.errors import ConfigError
 from auditd.pipeline import Context, scan_mail, scan_net
 from auditd.store import Store
@@ -70,13 +71,28 @@ def run_demo(config_path: Path | None, out: Path | None, now: datetime) -> int:
             extra = f" (approval #{f.approval_id})" if f.approval_id else ""
             pupil = " [pupil involved]" if f.pupil_involved else ""
             print(f"  #{f.id:<3} {f.rule:<24} {f.status.value:<9} {who}{pupil}{extra}")
-        day = now.astimezone(tz).date()
+        day = current_day(now, config.digest.at, tz)  # the digest these findings will go out in
         data = build_digest(config, store, ctx.policy, day, now)
     out.mkdir(parents=True, exist_ok=True)
     text_path = out / f"digest-{day.isoformat()}.txt"
     html_path = out / f"digest-{day.isoformat()}.html"
-    text_path.write_text(render_text(data), encoding="utf-8")
+    text = render_text(data)
+    text_path.write_text(text, encoding="utf-8")
     html_path.write_text(render_html(data), encoding="utf-8")
+    print(f"\ndigest (the ICT manager's; it goes out at {config.digest.time}), an excerpt:\n")
+    print(excerpt(text))
     print(f"\ndigest written to {text_path} and {html_path}")
     print(f"explore: choysez-auditd findings --config {path}")
     return 0 if all(r.ok for r in reports) else 1
+
+
+def excerpt(text: str, lines: int = 24) -> str:
+    """The head of the text digest, and where the approvals section starts (what was suppressed)."""
+    all_lines = text.splitlines()
+    head = all_lines[:lines]
+    if "APPROVED EXCEPTIONS" in all_lines and "APPROVED EXCEPTIONS" not in head:
+        at = all_lines.index("APPROVED EXCEPTIONS")
+        head += ["  …", *all_lines[at : at + 4]]
+    if len(all_lines) > len(head):
+        head.append("  …")
+    return "\n".join("  | " + line for line in head)

@@ -366,20 +366,7 @@ def _scan_captures(
         if stats.first_skipped and report.first_problem is None:
             report.first_problem = f"{f}: {stats.first_skipped}"
         done.append((key, state))
-    cfg = ctx.config
-    findings = streaming_in_class(
-        matched,
-        rooms=RoomIndex.build(cfg.network.rooms),
-        timetable=cfg.timetable,
-        tz=cfg.organisation.tz,
-        thresholds=ctx.thresholds(),
-        spec=ctx.policy.rules["NET-STREAMING-IN-CLASS"],
-        devices=load_devices(cfg.network.devices) if cfg.network.devices else None,
-    )
-    with ctx.store.transaction():
-        _record(ctx, findings, report, now)
-        for key, state in done:
-            ctx.store.set_checkpoint(name, key, state, now)
+    _evaluate_net(ctx, name, matched, done, report, now)
 
 
 # Following a log: each run re-reads the last LOG_CONTEXT of what matched before (from the
@@ -389,6 +376,7 @@ def _scan_captures(
 # fingerprint, so what the window shows again adds nothing; only lines after the checkpoint count
 # as read or skipped. A session or flow longer than the window is seen only in part.
 LOG_CONTEXT = timedelta(hours=2)
+SESSION_CONTEXT = timedelta(hours=2)  # how far back a new observation may join an earlier session
 LOG_TYPES = frozenset(("zeek", "suricata", "squid", "dnsmasq", "bind"))
 
 
@@ -497,8 +485,17 @@ def _evaluate_net(
     now: datetime,
 ) -> None:
     cfg = ctx.config
+    everything = matched
+    if matched:
+        # Sessions are judged with what earlier scans of this source saw just before (a capture
+        # rotated mid-session, a log read in two runs), and what this scan saw is kept for the next.
+        oldest = min(o.first_seen or o.ts for o in matched)
+        newest = max(o.last_seen or o.ts for o in matched)
+        fresh = {_observation_key(o) for o in matched}
+        earlier = ctx.store.recent_observations(name, since=oldest - SESSION_CONTEXT)
+        everything = [o for o in earlier if _observation_key(o) not in fresh] + matched
     findings = streaming_in_class(
-        matched,
+        everything,
         rooms=RoomIndex.build(cfg.network.rooms),
         timetable=cfg.timetable,
         tz=cfg.organisation.tz,
@@ -510,6 +507,13 @@ def _evaluate_net(
         _record(ctx, findings, report, now)
         for key, state in done:
             ctx.store.set_checkpoint(name, key, state, now)
+        if matched:
+            ctx.store.remember_observations(name, matched)
+            ctx.store.forget_observations(name, before=newest - SESSION_CONTEXT)
+
+
+def _observation_key(o: NetObservation) -> tuple[str, str, str, str, datetime, str]:
+    return (o.client, o.server, o.host, o.via, o.ts, o.flow or "")
 
 
 def _scan_paths(

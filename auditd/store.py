@@ -29,6 +29,7 @@ from auditd.model import (
     Evidence,
     Finding,
     JSONValue,
+    NetObservation,
     RunRecord,
     Severity,
     Status,
@@ -124,6 +125,52 @@ MIGRATIONS: tuple[str, ...] = (
         sent_at TEXT,
         PRIMARY KEY (day, recipient)
     );
+    """,
+    # 2: the review console's accounts, sessions (by the hash of their token) and its keys.
+    """
+    CREATE TABLE users (
+        email TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('ict-manager', 'centre-manager', 'dsl', 'viewer')),
+        password_hash TEXT,
+        created_at TEXT NOT NULL,
+        failed_attempts INTEGER NOT NULL DEFAULT 0,
+        locked_until TEXT,
+        last_signin TEXT
+    );
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        email TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE,
+        csrf TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        last_seen TEXT NOT NULL
+    );
+    CREATE INDEX sessions_email ON sessions(email);
+    CREATE TABLE console_keys (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    """,
+    # 3: recent streaming observations, so a session split across two scans (a rotated capture,
+    # a log read in two runs) is judged whole. Metadata only; pruned after a few hours.
+    """
+    CREATE TABLE net_recent (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        client TEXT NOT NULL,
+        server TEXT NOT NULL,
+        host TEXT NOT NULL,
+        via TEXT NOT NULL,
+        service TEXT,
+        category TEXT,
+        ts TEXT NOT NULL,
+        first_seen TEXT,
+        last_seen TEXT,
+        bytes INTEGER,
+        flow TEXT NOT NULL DEFAULT '',
+        UNIQUE (source, client, server, host, via, ts, flow)
+    );
+    CREATE INDEX net_recent_source_ts ON net_recent(source, ts);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -253,28 +300,49 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """A write transaction; nested calls become savepoints of the outer one."""
-        if self._depth == 0:
-            self._conn.execute("BEGIN IMMEDIATE")
-        else:
-            self._conn.execute(f"SAVEPOINT sp{self._depth}")
+        """A write transaction; nested calls become savepoints of the outer one.
+
+        A write the disk or the database refuses (full disk, read-only file, damage) rolls the
+        whole transaction back and becomes one StoreError naming the file: nothing half-written.
+        """
+        try:
+            if self._depth == 0:
+                self._conn.execute("BEGIN IMMEDIATE")
+            else:
+                self._conn.execute(f"SAVEPOINT sp{self._depth}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write the store: {exc}", where=str(self.path)) from None
         self._depth += 1
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             self._depth -= 1
-            if self._depth == 0:
-                self._conn.execute("ROLLBACK")
-            else:
-                self._conn.execute(f"ROLLBACK TO sp{self._depth}")
-                self._conn.execute(f"RELEASE sp{self._depth}")
+            self._undo()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot write the store: {exc}", where=str(self.path)) from None
             raise
         else:
             self._depth -= 1
+            try:
+                if self._depth == 0:
+                    self._conn.execute("COMMIT")
+                else:
+                    self._conn.execute(f"RELEASE sp{self._depth}")
+            except sqlite3.Error as exc:
+                self._undo()
+                raise StoreError(f"cannot write the store: {exc}", where=str(self.path)) from None
+
+    def _undo(self) -> None:
+        """Roll back the innermost level (SQLite may already have rolled back on a full disk)."""
+        try:
             if self._depth == 0:
-                self._conn.execute("COMMIT")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
             else:
+                self._conn.execute(f"ROLLBACK TO sp{self._depth}")
                 self._conn.execute(f"RELEASE sp{self._depth}")
+        except sqlite3.Error:
+            pass  # the transaction is gone already; SQLite left the file as it was before it
 
     def _audit(
         self, actor: str, action: str, target: str, details: dict[str, JSONValue], now: datetime
@@ -317,6 +385,10 @@ class Store:
                 fid, status, approval_id = row
                 added = self._add_evidence(fid, f.evidence)
                 if not added:
+                    self._conn.execute(  # the same observations, perhaps seen for longer
+                        "UPDATE findings SET last_seen = max(last_seen, ?) WHERE id = ?",
+                        (ts(f.last_seen), fid),
+                    )
                     continue
                 updated += 1
                 status, approval_id = self._status_after_new_evidence(
@@ -394,13 +466,25 @@ class Store:
         return fid
 
     def _add_evidence(self, fid: int, evidence: Iterable[Evidence]) -> int:
+        """Add evidence not yet held; returns how many were new.
+
+        Evidence already held under the same key is brought up to date (a session seen longer
+        on a later scan keeps its key, its start, and gets its new end and bytes).
+        """
         added = 0
         for e in evidence:
+            data = json.dumps(dict(e.data), ensure_ascii=False, sort_keys=True)
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO evidence (finding_id, key, observed_at, data) VALUES (?, ?, ?, ?)",
-                (fid, e.key, ts(e.observed_at), json.dumps(dict(e.data), ensure_ascii=False, sort_keys=True)),
+                (fid, e.key, ts(e.observed_at), data),
             )
-            added += cur.rowcount
+            if cur.rowcount:
+                added += 1
+            else:
+                self._conn.execute(
+                    "UPDATE evidence SET data = ? WHERE finding_id = ? AND key = ? AND data != ?",
+                    (data, fid, e.key, data),
+                )
         return added
 
     _FINDING_COLUMNS = (
@@ -422,23 +506,48 @@ class Store:
         with_evidence: bool = False,
         limit: int | None = None,
     ) -> list[StoredFinding]:
+        return list(
+            self.iter_findings(
+                since=since,
+                rule=rule,
+                status=status,
+                subject=subject,
+                created_since=created_since,
+                created_before=created_before,
+                ids=ids,
+                with_evidence=with_evidence,
+                limit=limit,
+            )
+        )
+
+    def iter_findings(
+        self,
+        *,
+        since: datetime | None = None,
+        rule: str | None = None,
+        status: Status | None = None,
+        subject: Subject | None = None,
+        created_since: datetime | None = None,
+        created_before: datetime | None = None,
+        ids: Sequence[int] | None = None,
+        with_evidence: bool = False,
+        limit: int | None = None,
+        pupil_only: bool = False,
+        chunk: int = 500,
+    ) -> Iterator[StoredFinding]:
+        """Findings in id order, read a chunk at a time: memory stays flat however many there are."""
         where: list[str] = []
         args: list[Any] = []
-        if since is not None:
-            where.append("last_seen >= ?")
-            args.append(ts(since))
-        if created_since is not None:
-            where.append("created_at >= ?")
-            args.append(ts(created_since))
-        if created_before is not None:
-            where.append("created_at < ?")
-            args.append(ts(created_before))
-        if rule is not None:
-            where.append("rule = ?")
-            args.append(rule)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
+        for clause, value in (
+            ("last_seen >= ?", None if since is None else ts(since)),
+            ("created_at >= ?", None if created_since is None else ts(created_since)),
+            ("created_at < ?", None if created_before is None else ts(created_before)),
+            ("rule = ?", rule),
+            ("status = ?", None if status is None else status.value),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
         if subject is not None:
             for part, value in subject.as_dict().items():
                 where.append(f"{part} = ? COLLATE NOCASE")
@@ -446,22 +555,56 @@ class Store:
         if ids is not None:
             where.append(f"id IN ({','.join('?' * len(ids))})")
             args.extend(ids)
-        sql = f"SELECT {self._FINDING_COLUMNS} FROM findings"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        found = [self._finding_row(r) for r in self._conn.execute(sql, args)]
-        if with_evidence and found:
-            evidence = self._evidence_for([f.id for f in found])
-            found = [_with_evidence(f, evidence.get(f.id, ())) for f in found]
-        return found
+        if pupil_only:
+            where.append("pupil_involved = 1")
+        remaining = limit
+        after = 0
+        while remaining is None or remaining > 0:
+            size = chunk if remaining is None else min(chunk, remaining)
+            sql = f"SELECT {self._FINDING_COLUMNS} FROM findings WHERE " + " AND ".join([*where, "id > ?"])
+            rows = self._conn.execute(sql + f" ORDER BY id LIMIT {size}", [*args, after]).fetchall()
+            if not rows:
+                return
+            found = [self._finding_row(r) for r in rows]
+            if with_evidence:
+                evidence = self._evidence_for([f.id for f in found])
+                found = [_with_evidence(f, evidence.get(f.id, ())) for f in found]
+            yield from found
+            after = found[-1].id
+            if remaining is not None:
+                remaining -= len(found)
 
-    def count_findings(self) -> dict[str, int]:
+    def count_findings_where(
+        self,
+        *,
+        status: Status | None = None,
+        created_before: datetime | None = None,
+        pupil_only: bool = False,
+    ) -> int:
+        sql, args = "SELECT count(*) FROM findings WHERE 1", []
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status.value)
+        if created_before is not None:
+            sql += " AND created_at < ?"
+            args.append(ts(created_before))
+        if pupil_only:
+            sql += " AND pupil_involved = 1"
+        return int(self._conn.execute(sql, args).fetchone()[0])
+
+    def count_findings(self, *, pupil_only: bool = False) -> dict[str, int]:
         """How many findings there are in each status."""
-        rows = self._conn.execute("SELECT status, count(*) FROM findings GROUP BY status")
+        where = " WHERE pupil_involved = 1" if pupil_only else ""
+        rows = self._conn.execute(f"SELECT status, count(*) FROM findings{where} GROUP BY status")
         return {status: int(n) for status, n in rows}
+
+    def created_times(self, *, since: datetime, pupil_only: bool = False) -> list[datetime]:
+        """When each finding recorded since `since` was recorded (the digest's day-by-day chart)."""
+        pupil = " AND pupil_involved = 1" if pupil_only else ""
+        rows = self._conn.execute(
+            f"SELECT created_at FROM findings WHERE created_at >= ?{pupil}", (ts(since),)
+        )
+        return [parse_ts(t) for (t,) in rows]
 
     def get_finding(self, fid: int) -> StoredFinding:
         found = self.list_findings(ids=[fid], with_evidence=True)
@@ -695,10 +838,12 @@ class Store:
             revoke_reason=revoke_reason,
         )
 
-    def approval_usage(self) -> dict[int, int]:
+    def approval_usage(self, *, pupil_only: bool = False) -> dict[int, int]:
         """How many findings each approval covers (the digest shows what each approval covered)."""
+        pupil = " AND pupil_involved = 1" if pupil_only else ""
         rows = self._conn.execute(
-            "SELECT approval_id, count(*) FROM findings WHERE approval_id IS NOT NULL GROUP BY approval_id"
+            f"SELECT approval_id, count(*) FROM findings WHERE approval_id IS NOT NULL{pupil} "
+            "GROUP BY approval_id"
         )
         return {int(a): int(n) for a, n in rows}
 
@@ -745,6 +890,69 @@ class Store:
                    DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at""",
                 (source, key, value, ts(now)),
             )
+
+    def forget_checkpoint(self, source: str, key: str) -> None:
+        with self.transaction():
+            self._conn.execute("DELETE FROM checkpoints WHERE source = ? AND key = ?", (source, key))
+
+    # ---- recent network observations ------------------------------------------------------
+
+    def remember_observations(self, source: str, observations: Iterable[NetObservation]) -> None:
+        """Keep streaming observations for the next scan's sessions (idempotent)."""
+        with self.transaction():
+            self._conn.executemany(
+                """INSERT OR IGNORE INTO net_recent (source, client, server, host, via, service, category,
+                     ts, first_seen, last_seen, bytes, flow) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        source,
+                        o.client,
+                        o.server,
+                        o.host,
+                        o.via,
+                        o.service,
+                        o.category,
+                        ts(o.ts),
+                        None if o.first_seen is None else ts(o.first_seen),
+                        None if o.last_seen is None else ts(o.last_seen),
+                        o.bytes,
+                        o.flow or "",
+                    )
+                    for o in observations
+                ],
+            )
+
+    def recent_observations(self, source: str, *, since: datetime) -> list[NetObservation]:
+        rows = self._conn.execute(
+            """SELECT client, server, host, via, service, category, ts, first_seen, last_seen, bytes, flow
+               FROM net_recent WHERE source = ? AND coalesce(last_seen, ts) >= ? ORDER BY ts, id""",
+            (source, ts(since)),
+        )
+        return [
+            NetObservation(
+                source=source,
+                client=c,
+                server=srv,
+                host=h,
+                via=v,
+                service=svc,
+                category=cat,
+                ts=parse_ts(t),
+                first_seen=_opt_ts(fs),
+                last_seen=_opt_ts(ls),
+                bytes=b,
+                flow=fl or None,
+            )
+            for c, srv, h, v, svc, cat, t, fs, ls, b, fl in rows
+        ]
+
+    def forget_observations(self, source: str, *, before: datetime) -> int:
+        with self.transaction():
+            cur = self._conn.execute(
+                "DELETE FROM net_recent WHERE source = ? AND coalesce(last_seen, ts) < ?",
+                (source, ts(before)),
+            )
+        return cur.rowcount
 
     def start_run(self, source: str, kind: str, now: datetime) -> int:
         with self.transaction():
@@ -881,6 +1089,7 @@ class Store:
                 "DELETE FROM checkpoints WHERE updated_at < ?", (cutoff,)
             ).rowcount
             self._conn.execute("DELETE FROM digests WHERE created_at < ?", (cutoff,))
+            self._conn.execute("DELETE FROM net_recent WHERE ts < ?", (cutoff,))
             audit = 0
             if audit_before is not None:
                 audit = self._conn.execute("DELETE FROM audit_log WHERE at < ?", (ts(audit_before),)).rowcount
@@ -898,6 +1107,144 @@ class Store:
                 now,
             )
         return PurgeResult(findings, runs, checkpoints, audit)
+
+    # ---- digests archive (read) -------------------------------------------------------------
+
+    def list_digest_records(self) -> list[DigestRecord]:
+        """Every digest record, newest day first (the console's digests page)."""
+        rows = self._conn.execute(
+            "SELECT day, recipient, status, attempts, last_error, message_id, sent_at FROM digests "
+            "ORDER BY day DESC, recipient"
+        )
+        return [DigestRecord(d, r, st, n, err, mid, _opt_ts(sent)) for d, r, st, n, err, mid, sent in rows]
+
+    # ---- console users and sessions ---------------------------------------------------------
+
+    _USER_COLUMNS = "email, role, password_hash, created_at, failed_attempts, locked_until, last_signin"
+
+    def add_user(self, email: str, role: str, password_hash: str | None, *, by: str, now: datetime) -> None:
+        """Add a console account; audited. An existing account is an error, not a silent change."""
+        email = email.strip().lower()
+        with self.transaction():
+            if self.get_user(email) is not None:
+                raise UsageError(f"user {email} already exists (remove it first to change it)")
+            self._conn.execute(
+                "INSERT INTO users (email, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                (email, role, password_hash, ts(now)),
+            )
+            self._audit(by, "user.add", f"user:{email}", {"role": role}, now)
+
+    def remove_user(self, email: str, *, by: str, now: datetime) -> None:
+        """Remove an account and end its sessions; audited."""
+        email = email.strip().lower()
+        with self.transaction():
+            if self.get_user(email) is None:
+                raise UsageError(f"no user {email}")
+            self._conn.execute("DELETE FROM sessions WHERE email = ?", (email,))
+            self._conn.execute("DELETE FROM users WHERE email = ?", (email,))
+            self._audit(by, "user.remove", f"user:{email}", {}, now)
+
+    def get_user(self, email: str) -> UserRecord | None:
+        row = self._conn.execute(
+            f"SELECT {self._USER_COLUMNS} FROM users WHERE email = ?", (email.strip().lower(),)
+        ).fetchone()
+        return None if row is None else _user_row(row)
+
+    def list_users(self) -> list[UserRecord]:
+        return [
+            _user_row(r) for r in self._conn.execute(f"SELECT {self._USER_COLUMNS} FROM users ORDER BY email")
+        ]
+
+    def set_signin_state(
+        self,
+        email: str,
+        *,
+        failed_attempts: int,
+        locked_until: datetime | None,
+        signed_in_at: datetime | None = None,
+    ) -> None:
+        """Record the outcome of a sign-in: the failure count, the lock, the last success."""
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE users SET failed_attempts = ?, locked_until = ?, "
+                "last_signin = coalesce(?, last_signin) WHERE email = ?",
+                (
+                    failed_attempts,
+                    None if locked_until is None else ts(locked_until),
+                    None if signed_in_at is None else ts(signed_in_at),
+                    email.strip().lower(),
+                ),
+            )
+
+    def create_session(self, sid: str, email: str, csrf: str, *, expires_at: datetime, now: datetime) -> None:
+        """A console session, stored by the hash of its token; expired ones are dropped here too."""
+        with self.transaction():
+            self._conn.execute("DELETE FROM sessions WHERE expires_at < ?", (ts(now),))
+            self._conn.execute(
+                "INSERT INTO sessions (id, email, csrf, created_at, expires_at, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (sid, email.strip().lower(), csrf, ts(now), ts(expires_at), ts(now)),
+            )
+
+    def get_session(self, sid: str, *, now: datetime) -> SessionRecord | None:
+        """The live session with this id and its user, or None (unknown, expired or user removed)."""
+        row = self._conn.execute(
+            "SELECT s.id, s.email, u.role, s.csrf, s.created_at, s.expires_at FROM sessions s "
+            "JOIN users u ON u.email = s.email WHERE s.id = ? AND s.expires_at > ?",
+            (sid, ts(now)),
+        ).fetchone()
+        if row is None:
+            return None
+        i, email, role, csrf, created, expires = row
+        return SessionRecord(i, email, role, csrf, parse_ts(created), parse_ts(expires))
+
+    def touch_session(self, sid: str, *, expires_at: datetime, now: datetime) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE sessions SET expires_at = ?, last_seen = ? WHERE id = ?",
+                (ts(expires_at), ts(now), sid),
+            )
+
+    def delete_session(self, sid: str) -> None:
+        with self.transaction():
+            self._conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+
+    def console_key(self, name: str) -> bytes:
+        """A random 32-byte key kept in the store (pseudonyms, sign-in tokens), made on first use."""
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR IGNORE INTO console_keys (name, value) VALUES (?, ?)", (name, os.urandom(32))
+            )
+            row = self._conn.execute("SELECT value FROM console_keys WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A console account. `password_hash` is None for accounts that sign in through a proxy only."""
+
+    email: str
+    role: str
+    password_hash: str | None
+    created_at: datetime
+    failed_attempts: int
+    locked_until: datetime | None
+    last_signin: datetime | None
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    id: str
+    email: str
+    role: str
+    csrf: str
+    created_at: datetime
+    expires_at: datetime
+
+
+def _user_row(r: tuple[Any, ...]) -> UserRecord:
+    email, role, pw, created, failed, locked, last = r
+    return UserRecord(email, role, pw, parse_ts(created), int(failed), _opt_ts(locked), _opt_ts(last))
 
 
 def _with_evidence(f: StoredFinding, evidence: tuple[Evidence, ...]) -> StoredFinding:

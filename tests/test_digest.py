@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 from auditd.digest.render import DigestData, render_html, render_text
 from auditd.model import Approval, Evidence, RunRecord, Severity, Status, StoredFinding, Subject
+from tests.conftest import Run
 
 NOW = datetime(2026, 11, 24, 7, 0, tzinfo=UTC)
 CLAUSES = {
@@ -107,3 +110,82 @@ class TestHostileInput:
         assert "<script>" not in html
         assert "&lt;script&gt;" in html
         assert "<b>Term report</b>" not in html
+
+
+class TestPeopleAndReview:
+    """What each approval covered, the review counts, the chart, and the DSL's copy."""
+
+    APPROVAL = Approval(
+        id=7,
+        rule="MAIL-PERSONAL-SENDER",
+        subject=Subject(staff="jane.smith@choysez.org.uk"),
+        valid_from=NOW - timedelta(days=10),
+        valid_until=NOW - timedelta(days=1),
+        approved_by="centre.manager@choysez.org.uk",
+        reason="Residential trip",
+        granted_at=NOW - timedelta(days=11),
+    )
+
+    def test_an_ended_approval_that_suppressed_a_finding_says_what_it_covered(self) -> None:
+        d = digest(
+            new=[mail_finding(2, status=Status.APPROVED)], approvals=[self.APPROVAL], approval_usage={7: 3}
+        )
+        for text in (render_text(d), render_html(d)):
+            assert "approval #7" in text and "covers 3 findings" in text and "Residential trip" in text
+
+    def test_review_counts_are_shown(self) -> None:
+        text = render_text(digest(counts={"open": 4, "confirmed": 2, "dismissed": 1}))
+        assert "open 4, confirmed 2, dismissed 1, approved 0" in text
+
+    def test_fourteen_day_chart_is_plain_html(self) -> None:
+        days = [(date(2026, 11, 11) + timedelta(days=i), i % 3) for i in range(14)]
+        d = digest(daily=days)
+        html = render_html(d)
+        assert "New findings, last 14 days" in html
+        assert html.count("background-color:#c0392b") == sum(1 for _, n in days if n)
+        assert "<script" not in html and "<img" not in html
+        assert "NEW FINDINGS, LAST 14 DAYS" in render_text(d)
+
+    def test_the_dsl_copy_says_what_it_holds(self) -> None:
+        text = render_text(digest(audience="pupil", new=[mail_finding(1, pupil=True)]))
+        assert "only findings that involve pupils" in text
+
+    def test_still_open_and_suppressed_are_capped_too(self) -> None:
+        old = [mail_finding(i, created=NOW - timedelta(days=3)) for i in range(12)]
+        text = render_text(digest(still_open=old, cap=5))
+        assert "… and 7 more: choysez-auditd findings --status open" in text
+
+
+class TestControlCharacters:
+    """A subject line cannot start a line of its own in the text digest, nor reorder it."""
+
+    def test_newlines_and_bidi_overrides_are_neutralised(self) -> None:
+        evil = "Homework\r\nNEW FINDINGS: None\u202e gnp.exe"
+        text = render_text(digest(new=[mail_finding(1, subject=evil)]))
+        assert not any(line.startswith("NEW FINDINGS: None") for line in text.splitlines())
+        assert "\u202e" not in text and "\r" not in text
+
+
+class TestSubjectExport:
+    """`findings --subject staff:EMAIL --format json` gives a person's findings, evidence and approvals."""
+
+    def test_export_has_evidence_and_the_approval(self, cli: Run, school: Path) -> None:
+        config = school / "config.toml"
+        cli("demo", "--config", config, check=True)
+        out = cli(
+            "findings",
+            "--config",
+            config,
+            "--subject",
+            "staff:tom.baker@choysez.org.uk",
+            "--format",
+            "json",
+            check=True,
+        ).stdout
+        found = json.loads(out)
+        assert found and all(f["subject"]["staff"] == "tom.baker@choysez.org.uk" for f in found)
+        assert all(f["evidence"] and "message_id" in f["evidence"][0] for f in found)
+        approved = [f for f in found if f["approval"] is not None]
+        assert len(approved) == 1
+        assert approved[0]["approval"]["approved_by"] == "centre.manager@choysez.org.uk"
+        assert "Lake District" in approved[0]["approval"]["reason"]

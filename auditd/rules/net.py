@@ -181,7 +181,7 @@ def _finding(
         f"{s.bytes / 1e6:.1f} MB in {len(s.flows)} flow{'s' if len(s.flows) != 1 else ''}",
     )
     names: list[JSONValue] = [{"host": h, "via": v} for h, v in s.names]
-    servers: list[JSONValue] = [str(x) for x in s.servers][:10]
+    servers: list[JSONValue] = [str(x) for x in list(s.servers)[:10]]
     data: dict[str, JSONValue] = {
         "room": room,
         "device": s.device,
