@@ -401,6 +401,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.schedule(startup=True)
         self.scheduler.start()
+        self._start_console()
         sources = [s.name for s in (*self.loaded.config.mail.sources, *self.loaded.config.network.sources)]
         self.log.info("started", job="daemon", pid=os.getpid(), config=str(self.config_path), sources=sources)
         self.notify(f"READY=1\nSTATUS=running\nMAINPID={os.getpid()}")
@@ -417,6 +418,27 @@ class Daemon:
                 self.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping
             time.sleep(TICK)
+
+    def _start_console(self) -> None:
+        """With a `[console]` section, the review console is served beside the jobs until stop."""
+        config = self.loaded.config
+        if config.console is None:
+            return
+        from auditd.console import serve_console
+
+        def serve() -> None:
+            try:
+                serve_console(
+                    config,
+                    self.stopping,
+                    on_ready=lambda host, port: self.log.info(
+                        "console listening", job="console", url=f"http://{host}:{port}/"
+                    ),
+                )
+            except Exception as exc:  # a console that cannot listen must not stop the audit itself
+                self.log.error("console failed", job="console", error=str(exc))
+
+        threading.Thread(target=serve, name="console", daemon=True).start()
 
     def shutdown(self, why: str) -> int:
         """Stop taking jobs, let the running one reach a batch boundary, and go."""

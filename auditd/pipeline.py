@@ -301,14 +301,32 @@ def _unavailable(kind: str, report: SourceReport) -> None:
 # ---- network ----------------------------------------------------------------------------------
 
 
-def classify(observations: Iterable[NetObservation], classifier: Classifier) -> Iterator[NetObservation]:
+def connection(flow: str | None) -> str | None:
+    """A capture flow's connection ("tcp client:port server:port"), the same in every file."""
+    return flow.rpartition(" ")[0] or None if flow else None
+
+
+def classify(
+    observations: Iterable[NetObservation],
+    classifier: Classifier,
+    named: dict[str, tuple[str, str]] | None = None,
+) -> Iterator[NetObservation]:
     """Fill in service and category from the lists; names the lists do not know stay null.
 
-    A nameless flow (`via="ip"`) is kept only when its server is in a published address range,
-    and then reads as `via="ip-range"` with the address as its host.
+    A nameless flow (`via="ip"`) is a connection whose name was seen earlier (a capture file
+    rotated mid-connection) when `named` maps its connection to (host, via); else it is kept only
+    when its server is in a published address range, and then reads as `via="ip-range"`.
+    Named flows are added to `named` as they pass.
     """
     lookup = functools.lru_cache(maxsize=1 << 16)(classifier.classify)  # logs repeat names a lot
+    table = named if named is not None else {}
     for o in observations:
+        conn = connection(o.flow) if named is not None and o.via != "dns" else None
+        if conn is not None and o.via == "ip" and conn in table:
+            host, via = table[conn]
+            o = dataclasses.replace(o, host=host, via=via)
+        elif conn is not None and o.via != "ip":
+            table[conn] = (o.host, o.via)
         if o.via == "ip":
             by_range = classifier.classify_address(o.server)
             if by_range is not None and by_range.service is not None:
@@ -352,13 +370,19 @@ def _scan_captures(
     classifier = ctx.classifier()
     matched: list[NetObservation] = []
     done: list[tuple[str, str]] = []
+    # Connections named in earlier files or scans: a rotated capture continues them without a handshake.
+    named = {
+        conn: (o.host, o.via)
+        for o in ctx.store.recent_observations(name, since=datetime.min.replace(tzinfo=UTC))
+        if (conn := connection(o.flow)) is not None and o.via != "dns"
+    }
     for f in files:
         state = _file_state(f)
         key = f"file:{f.resolve()}"
         if incremental and ctx.store.get_checkpoint(name, key) == state:
             continue
         stats = CaptureStats()
-        for o in classify(read_capture(f, source=name, stats=stats), classifier):
+        for o in classify(read_capture(f, source=name, stats=stats), classifier, named):
             report.items += 1
             if o.service is not None:
                 matched.append(o)

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -154,6 +155,29 @@ class TestRun:
         assert all(x["job"] == "scan" and len(x["run_id"]) == 12 for x in scans)
         assert [x["recipient"] for x in lines if x.get("event") == "digest sent"] == [ICT, DSL]
         assert lines[-1]["event"] == "stopped"
+
+    def test_serves_the_console_when_configured(self, school: Path, notify: Notify, tmp_path: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = school / "config.toml"
+        config.write_text(config.read_text() + f"\n[console]\nport = {port}\ncookie_secure = false\n")
+        log = tmp_path / "daemon.log"
+        with log.open("w") as out:
+            proc = start(config, notify, out=out)
+            try:
+                wait_for(lambda: notify.seen("READY=1"), 15, "READY=1")
+                wait_for(
+                    lambda: any(x.get("event") == "console listening" for x in log_lines(log)), 15, "console"
+                )
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/signin", timeout=10) as page:
+                    assert page.status == 200
+                    assert "sign in" in page.read().decode().lower()
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=10) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
 
     def test_sighup_with_a_bad_config_keeps_the_old_one(
         self, school: Path, notify: Notify, tmp_path: Path
