@@ -10,7 +10,7 @@ APT    := $(shell command -v apt-get)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the test suite uses (command to look for = package that provides it).
-DEBIAN_TEST_TOOLS := dovecot=dovecot-imapd chromium=chromium tcpdump=tcpdump systemd-analyze=systemd setpriv=util-linux
+DEBIAN_TEST_TOOLS := dovecot=dovecot-imapd chromium=chromium tcpdump=tcpdump systemd-analyze=systemd setpriv=util-linux pg_ctlcluster=postgresql
 
 .PHONY: demo test lint typecheck unit sysdeps venv clean lock
 

@@ -129,11 +129,13 @@ class StoreConfig(Strict):
     path: Path = DEFAULT_STORE
     retention_days: Annotated[int, Field(ge=1)] = 90
     audit_retention_days: Annotated[int, Field(ge=1)] = 730  # the audit log outlives the findings
+    url: Annotated[str, Field(pattern=r"^postgres(ql)?://")] | None = None  # PostgreSQL instead of `path`
+    password_file: Path | None = None  # the PostgreSQL password, kept out of the config file
 
-    @field_validator("path")
+    @field_validator("path", "password_file")
     @classmethod
-    def _path(cls, v: Path, info: ValidationInfo) -> Path:
-        return _resolve(v, info)
+    def _path(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
 
 
 class PolicyConfig(Strict):
@@ -165,18 +167,55 @@ class ImapSource(_Source):
     host: str
     port: Annotated[int, Field(ge=1, le=65535)] = 993
     tls: bool = True
-    username: str
+    username: str  # for XOAUTH2 with Microsoft 365 or Google Workspace: the mailbox address
     password_file: Path | None = None
-    oauth_token_file: Path | None = None
+    oauth_token_file: Path | None = None  # a bearer token kept fresh by something else (XOAUTH2)
+    # or the OAuth client-credentials flow (Microsoft 365 app-only): a token fetched per connection
+    oauth_client_id: str | None = None
+    oauth_tenant_id: str | None = None
+    oauth_client_secret_file: Path | None = None
+    oauth_certificate_file: Path | None = None  # PEM holding the certificate and its private key
+    oauth_authority: str = "https://login.microsoftonline.com/{tenant_id}"
+    oauth_scope: str = "https://outlook.office365.com/.default"
+    oauth_ca_file: Path | None = None  # PEM bundle to trust for the authority (an inspecting proxy)
     folders: list[str] = ["INBOX"]
+
+    @field_validator("oauth_ca_file")
+    @classmethod
+    def _ca(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
 
     @model_validator(mode="after")
     def _plain_only_loopback(self) -> ImapSource:
         if not self.tls and not _is_loopback(self.host):
             raise ValueError(f"tls = false is only allowed for a loopback host, not {self.host!r}")
-        if self.password_file is None and self.oauth_token_file is None:
-            raise ValueError("set password_file or oauth_token_file")
+        ways = [k for k in ("password_file", "oauth_token_file", "oauth_client_id") if getattr(self, k)]
+        if not ways:
+            raise ValueError(
+                "set one way to log in: password_file, oauth_token_file, or oauth_client_id "
+                "(with oauth_client_secret_file or oauth_certificate_file)"
+            )
+        if len(ways) > 1:
+            raise ValueError(f"set only one way to log in, not {' and '.join(ways)}")
+        flow_keys = ("oauth_tenant_id", "oauth_client_secret_file", "oauth_certificate_file", "oauth_ca_file")
+        if self.oauth_client_id is None:
+            stray = [k for k in flow_keys if getattr(self, k) is not None]
+            if stray:
+                raise ValueError(f"{stray[0]} is for the client-credentials flow: set oauth_client_id too")
+            return self
+        if (self.oauth_client_secret_file is None) == (self.oauth_certificate_file is None):
+            raise ValueError(
+                "with oauth_client_id, set exactly one of oauth_client_secret_file and oauth_certificate_file"
+            )
+        if "{tenant_id}" in self.oauth_authority and not self.oauth_tenant_id:
+            raise ValueError("oauth_client_id needs oauth_tenant_id (the directory the app is registered in)")
+        if not self.oauth_authority.lower().startswith("https://"):
+            raise ValueError("oauth_authority must be an https:// URL")
         return self
+
+    @property
+    def oauth_authority_url(self) -> str:
+        return self.oauth_authority.replace("{tenant_id}", self.oauth_tenant_id or "").rstrip("/")
 
 
 class EwsSource(_Source):

@@ -52,7 +52,7 @@ from auditd.errors import AuditError, DeliveryError, StoreError
 from auditd.logging import configure, get_logger
 from auditd.pipeline import Context, SourceReport, scan_mail, scan_net
 from auditd.policy import Policy, load_policy
-from auditd.store import PurgeResult, Store
+from auditd.store import PurgeResult, Store, site_lock
 
 STOP_DEADLINE = 8.0  # seconds to let a running job finish after SIGTERM (systemd waits 90, we promise 10)
 CATCH_UP_MINUTES = 15
@@ -106,7 +106,13 @@ def lock_path(config: Config) -> Path:
 
 @contextlib.contextmanager
 def store_lock(config: Config) -> Iterator[None]:
-    """Hold `<store>.lock` (flock) for the daemon's life; a second daemon is refused, naming the first."""
+    """Hold `<store>.lock` (flock) for the daemon's life; a second daemon is refused, naming the first.
+
+    With a PostgreSQL store the lock is the site's advisory lock: one daemon per site."""
+    if config.store.url is not None:
+        with site_lock(config):
+            yield
+        return
     path = lock_path(config)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -233,7 +239,7 @@ class Daemon:
         config = loaded.config
         kind = "mail" if name in {s.name for s in config.mail.sources} else "net"
         now = self.clock()
-        with Store.open(config.store.path) as store:
+        with Store.connect(config) as store:
             ctx = Context(config, loaded.policy, loaded.people, store, stop=self.stopping.is_set)
             reports: list[SourceReport] = (
                 scan_mail(ctx, now=now, only=name) if kind == "mail" else scan_net(ctx, now=now, only=name)
@@ -253,7 +259,7 @@ class Daemon:
         config = loaded.config
         now = self.clock()
         send = self.make_sender(config)
-        with Store.open(config.store.path) as store:
+        with Store.connect(config) as store:
             outcomes = deliver_due(config, store, loaded.policy, now, send, include_latest=include_latest)
             if now_digest:
                 tz = config.organisation.tz
@@ -289,7 +295,7 @@ class Daemon:
 
     def _purge(self) -> None:
         config = self.loaded.config
-        with Store.open(config.store.path) as store:
+        with Store.connect(config) as store:
             r = purge_store(config, store, self.clock())
         self.log.info(
             "retention purge", findings=r.findings, runs=r.runs, checkpoints=r.checkpoints, audit=r.audit
@@ -465,5 +471,5 @@ def run_daemon(config_path: Path, *, digest_now: bool = False) -> int:
     configure()
     loaded = load_all(config_path)
     with store_lock(loaded.config):
-        Store.open(loaded.config.store.path).close()  # create or migrate before any job runs
+        Store.connect(loaded.config).close()  # create or migrate before any job runs
         return Daemon(config_path.absolute(), loaded, digest_now=digest_now).run()

@@ -41,7 +41,7 @@ def run_demo(config_path: Path | None, out: Path | None, now: datetime) -> int:
     config = load_config(path)
     out = out or config.base / "out"
     tz = config.organisation.tz
-    with Store.open(config.store.path) as store:
+    with Store.connect(config) as store:
         ctx = Context.load(config, store)
         wanted = config.base / "approvals.toml"
         if wanted.is_file():

@@ -9,37 +9,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import importlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from auditd.config import (
-    Config,
-    EwsSource,
-    FileMailSource,
-    FileNetSource,
-    GraphSource,
-    ImapSource,
-    LiveNetSource,
-)
+from auditd.config import Config, FileNetSource, LiveNetSource, MailSourceConfig
 from auditd.directory import People, load_devices, load_directory
 from auditd.errors import AuditError, InputError, SourceError
-from auditd.model import Finding, ForwardingRule, MailMessage, NetObservation
+from auditd.model import Finding, MailMessage, NetObservation
 from auditd.policy import Classifier, Policy, load_policy
 from auditd.rules.mail import MailRules
 from auditd.rules.net import RoomIndex, Thresholds, streaming_in_class
+from auditd.sources.base import mail_source
 from auditd.sources.live import completed, spool_dir
-from auditd.sources.mailfile import MailStats, read_eml, read_maildir, read_mbox
+from auditd.sources.mailfile import MailStats
 from auditd.sources.netlogs import LogStats, Resume, checkpoint_for, detect_log, read_log, resume_point
 from auditd.sources.pcap import CaptureStats, is_capture, read_capture
-from auditd.store import Store
+from auditd.store import CLAIM_LEASE, Store, file_identity, finished_log, reader_id
 
 BATCH = 500
-ServerMailSource = ImapSource | EwsSource | GraphSource
 
 
 @dataclass
@@ -174,124 +164,28 @@ def _mail_batches(ctx: Context, report: SourceReport, now: datetime, items: Mail
     flush()
 
 
-def _scan_mail_file_source(ctx: Context, src: FileMailSource, report: SourceReport, now: datetime) -> None:
-    stats = MailStats()
-    previous = ctx.store.get_checkpoint(src.name, "position")
-    messages: MailItems
-    if src.type == "maildir":
-        messages = _maildir_messages(src, previous, stats)
-    elif src.type == "mbox":
-        offset = _mbox_offset(src.path, previous)
-        messages = (
-            (m, {"position": f"{_identity(src.path)}:{pos}"})
-            for m, pos in read_mbox(src.path, source=src.name, offset=offset, stats=stats)
-        )
-    else:
-        messages = ((m, {}) for m, _ in _eml_messages(src, stats))
-    _mail_batches(ctx, report, now, messages, src.name)
-    report.skipped = stats.unparseable
-    report.first_problem = stats.first_problem
-
-
-def _maildir_messages(src: FileMailSource, previous: str | None, stats: MailStats) -> MailItems:
-    """Maildir from its checkpoint: the newest mtime read, and the files read at that mtime."""
-    since, seen = 0, frozenset[str]()
-    if previous:
-        stamp, _, names = previous.partition(" ")
-        if stamp.isdigit():
-            since, seen = int(stamp), frozenset(n for n in names.split("/") if n)
-    for msg, (mtime, key) in read_maildir(
-        src.path, source=src.name, since_mtime_ns=since, seen=seen, stats=stats
-    ):
-        if mtime != since:
-            since, seen = mtime, frozenset()
-        seen = seen | {key}
-        yield msg, {"position": f"{since} {'/'.join(sorted(seen))}"}
-
-
-def _identity(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_dev}-{st.st_ino}"
-
-
-def _mbox_offset(path: Path, checkpoint: str | None) -> int:
-    """Resume after the last message read, unless the file was replaced or truncated since."""
-    if not checkpoint or ":" not in checkpoint:
-        return 0
-    identity, _, offset = checkpoint.rpartition(":")
-    if identity != _identity(path) or not offset.isdigit() or int(offset) > path.stat().st_size:
-        return 0
-    return int(offset)
-
-
-def _eml_messages(src: FileMailSource, stats: MailStats) -> Iterator[tuple[MailMessage, str]]:
-    files = (
-        sorted(src.path.glob("*.eml"))
-        if src.path.is_dir()
-        else [Path(p) for p in sorted(glob.glob(str(src.path)))]
-    )
-    for f in files:
-        msg = read_eml(f, source=src.name, stats=stats)
-        if msg is not None:
-            yield msg, ""
-
-
 def scan_mail(ctx: Context, *, now: datetime, only: str | None = None) -> list[SourceReport]:
     sources = [s for s in ctx.config.mail.sources if s.enabled and (only is None or s.name == only)]
     if only is not None and not sources:
         raise InputError(f"no enabled mail source named {only!r}", where=str(ctx.config.path))
-    reports = []
-    for src in sources:
-        if isinstance(src, FileMailSource):
-            reports.append(
-                _run(ctx, src.name, "mail", now, partial(_scan_mail_file_source, ctx, src, now=now))
-            )
-        else:
-            reports.append(_run(ctx, src.name, "mail", now, partial(_scan_mailbox, ctx, src, now=now)))
-    return reports
+    return [
+        _run(ctx, src.name, "mail", now, partial(_scan_mail_source, ctx, src, now=now)) for src in sources
+    ]
 
 
-def _backend(kind: str, name: str) -> Callable[..., Any]:
-    """The reader of a server backend (`auditd.sources.imap.read_imap` ...), imported when used."""
-    try:
-        module = importlib.import_module(f"auditd.sources.{kind}")
-        fn: Callable[..., Any] = getattr(module, name)
-    except (ImportError, AttributeError):
-        raise SourceError(f"the {kind} backend is not in this version of choysez-auditd yet") from None
-    return fn
-
-
-def _scan_mailbox(ctx: Context, src: ServerMailSource, report: SourceReport, now: datetime) -> None:
-    """One incremental pass over a server mailbox source (IMAP, EWS, Graph), then its inbox rules."""
+def _scan_mail_source(ctx: Context, src: MailSourceConfig, report: SourceReport, now: datetime) -> None:
+    """One incremental pass over a mail source from its checkpoints, then its mailboxes' inbox rules."""
+    source = mail_source(src, ctx.config.base)
     stats = MailStats()
-    read = _backend(src.type, f"read_{src.type}")
-    previous = ctx.store.get_checkpoints(src.name)
-    items: MailItems = read(src, base=ctx.config.base, previous=previous, stats=stats)
-    _mail_batches(ctx, report, now, items, src.name)
+    _mail_batches(ctx, report, now, source.read(ctx.store.get_checkpoints(src.name), stats), src.name)
     report.skipped = stats.unparseable
     report.first_problem = stats.first_problem
-    if src.type in ("ews", "graph"):
-        rules = _backend(src.type, f"forwarding_rules_{src.type}")(src, base=ctx.config.base, now=now)
-        findings = forwarding_findings(rules, ctx)
+    if ctx.stop is not None and ctx.stop():
+        return
+    rules = source.forwarding_rules(now)
+    if rules:
         with ctx.store.transaction():
-            _record(ctx, findings, report, now)
-
-
-def forwarding_findings(rules: Iterable[ForwardingRule], ctx: Context) -> list[Finding]:
-    """MAIL-AUTO-FORWARD findings for inbox rules, when the mail rules module provides them."""
-    from auditd.rules import mail as mail_rules
-
-    fn = getattr(mail_rules, "forwarding_findings", None)
-    if fn is None:
-        return []
-    found: list[Finding] = fn(
-        rules,
-        is_official=ctx.config.organisation.is_official,
-        people=ctx.people,
-        spec=ctx.policy.rules["MAIL-AUTO-FORWARD"],
-        now=datetime.now(UTC),
-    )
-    return found
+            _record(ctx, ctx.mail_rules().forwarding(rules, now=now), report, now)
 
 
 def _unavailable(kind: str, report: SourceReport) -> None:
@@ -481,11 +375,20 @@ def _scan_logs(
     keep = matches_only(ctx.classifier())
     matched: list[NetObservation] = []
     done: list[tuple[str, str]] = []
+    claimed: list[str] = []  # finished files of a folder other daemons may read too: each is read once
     for f, kind in files:
         key = f"log:{f.resolve()}"
         resume = resume_point(f, ctx.store.get_checkpoint(name, key)) if incremental else Resume()
         if resume.done:
             continue
+        if incremental and finished_log(f):
+            identity = file_identity(f)
+            owner = reader_id(ctx.store.site)
+            if not ctx.store.claim_file(
+                identity, source=name, path=str(f), owner=owner, now=now, lease=CLAIM_LEASE
+            ):
+                continue
+            claimed.append(identity)
         part = partial(_read_log_part, ctx, name, keep=keep, matched=matched, report=report, now=now)
         if resume.rotated is not None:
             part(
@@ -497,7 +400,7 @@ def _scan_logs(
             )
         end, window = part(f, kind, start=resume.context, new_from=resume.offset, hold_partial=incremental)
         done.append((key, checkpoint_for(f, end, window)))
-    _evaluate_net(ctx, name, matched, done, report, now)
+    _evaluate_net(ctx, name, matched, done, report, now, claimed)
 
 
 def _evaluate_net(
@@ -507,6 +410,7 @@ def _evaluate_net(
     done: list[tuple[str, str]],
     report: SourceReport,
     now: datetime,
+    claimed: Sequence[str] = (),
 ) -> None:
     cfg = ctx.config
     everything = matched
@@ -531,6 +435,8 @@ def _evaluate_net(
         _record(ctx, findings, report, now)
         for key, state in done:
             ctx.store.set_checkpoint(name, key, state, now)
+        for identity in claimed:
+            ctx.store.finish_file(identity, owner=reader_id(ctx.store.site), now=now)
         if matched:
             ctx.store.remember_observations(name, matched)
             ctx.store.forget_observations(name, before=newest - SESSION_CONTEXT)

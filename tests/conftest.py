@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +51,29 @@ def cli() -> Run:
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """A throwaway PostgreSQL server for the whole session (skips when Debian's postgresql is absent)."""
+    from tests.store.pgcluster import Cluster, pg_bin
+
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not installed (Debian package postgresql; make test installs it)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed")
+    cluster = Cluster(bindir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: object) -> str:
+    """A fresh, empty PostgreSQL database in the session's cluster."""
+    from tests.store.pgcluster import Cluster
+
+    assert isinstance(pg_cluster, Cluster)
+    return pg_cluster.database()

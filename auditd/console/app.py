@@ -84,7 +84,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> Flask:
     policy = load_policy(config.policy.dir)
     app = Flask("auditd.console", root_path=str(HERE), template_folder="templates", static_folder="static")
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, TEMPLATES_AUTO_RELOAD=False)
-    with Store.open(config.store.path) as first:
+    with Store.connect(config, trust_wide=True) as first:
         pseudonym_key = first.console_key("pseudonym")
         signin_key = first.console_key("signin")
     prefix = "__Host-" if console.cookie_secure else ""
@@ -116,7 +116,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> Flask:
 
     def db() -> Store:
         if "store" not in g:
-            g.store = Store.open(config.store.path)
+            g.store = Store.connect(config, trust_wide=True)  # narrowed to the user's site below
         s: Store = g.store
         return s
 
@@ -178,6 +178,8 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> Flask:
                 return redirect(url_for("findings"))
             return None
         s = proxy_identity() if console.auth == "proxy-header" else current_session()
+        if s is not None and s.site:
+            db().scope = s.site  # a site's staff see their site; trust-wide accounts see every site
         if s is None:
             if request.method == "POST":
                 abort(403, description="Your session has ended; sign in again.")

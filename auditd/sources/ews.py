@@ -351,3 +351,23 @@ def probe_ews(src: EwsSource, base: Path) -> None:
                 _folder(account, name)
         except (EWSError, requests.RequestException) as exc:
             raise SourceError(f"{mailbox}: {_reason(exc)}", where=src.name) from None
+
+
+class EwsMailbox:
+    """An EWS source as a `MailSource` (see `read_ews`; checkpoints `sync:MAILBOX:FOLDER`)."""
+
+    def __init__(self, src: EwsSource, base: Path) -> None:
+        self.src = src
+        self.name = src.name
+        self.base = base
+
+    def read(
+        self, previous: Mapping[str, str], stats: MailStats
+    ) -> Iterator[tuple[MailMessage | None, Updates]]:
+        return read_ews(self.src, base=self.base, previous=previous, stats=stats)
+
+    def probe(self) -> None:
+        probe_ews(self.src, self.base)
+
+    def forwarding_rules(self, now: datetime) -> list[ForwardingRule]:
+        return forwarding_rules_ews(self.src, base=self.base, now=now)

@@ -442,3 +442,23 @@ def probe_graph(src: GraphSource, base: Path) -> None:
         raise SourceError("HTTP 410 Gone", where=src.name) from None
     finally:
         client.close()
+
+
+class GraphMailbox:
+    """A Microsoft Graph source as a `MailSource` (see `read_graph`; checkpoints `delta:MAILBOX:FOLDER`)."""
+
+    def __init__(self, src: GraphSource, base: Path) -> None:
+        self.src = src
+        self.name = src.name
+        self.base = base
+
+    def read(
+        self, previous: Mapping[str, str], stats: MailStats
+    ) -> Iterator[tuple[MailMessage | None, Updates]]:
+        return read_graph(self.src, base=self.base, previous=previous, stats=stats)
+
+    def probe(self) -> None:
+        probe_graph(self.src, self.base)
+
+    def forwarding_rules(self, now: datetime) -> list[ForwardingRule]:
+        return forwarding_rules_graph(self.src, base=self.base, now=now)

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -36,7 +37,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from auditd.config import ImapSource, read_secret
 from auditd.errors import SourceError
-from auditd.model import MailMessage
+from auditd.model import ForwardingRule, MailMessage
 from auditd.sources.mailfile import MailStats, parse_message
 
 TEXT_TYPES = frozenset({"plain", "html"})
@@ -665,3 +666,29 @@ def probe_imap(src: ImapSource, base: Path, tuning: Tuning = Tuning()) -> None:
                 raise session._fail(f"cannot read folder {folder!r}: {_server_text(exc)}") from None
     finally:
         session.close()
+
+
+class ImapMailbox:
+    """An IMAP source as a `MailSource` (see `read_imap`; checkpoints `folder:NAME`)."""
+
+    def __init__(
+        self, src: ImapSource, base: Path, tuning: Tuning = Tuning(), meter: Meter | None = None
+    ) -> None:
+        self.src = src
+        self.name = src.name
+        self.base = base
+        self.tuning = tuning
+        self.meter = meter
+
+    def read(
+        self, previous: Mapping[str, str], stats: MailStats
+    ) -> Iterator[tuple[MailMessage | None, dict[str, str]]]:
+        return read_imap(
+            self.src, base=self.base, previous=previous, stats=stats, tuning=self.tuning, meter=self.meter
+        )
+
+    def probe(self) -> None:
+        probe_imap(self.src, self.base, self.tuning)
+
+    def forwarding_rules(self, now: datetime) -> list[ForwardingRule]:
+        return []  # IMAP does not expose a mailbox's rules (Sieve scripts live in ManageSieve)

@@ -17,17 +17,19 @@ import email
 import email.errors
 import email.message
 import email.utils
+import glob
 import html
+import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header
 from pathlib import Path
 
-from auditd.errors import InputError
-from auditd.model import Address, MailMessage
+from auditd.errors import InputError, SourceError
+from auditd.model import Address, ForwardingRule, MailMessage
 
 TEXT_CAP = 256 * 1024  # characters of body text kept in memory per message
 HEADER_CAP = 16 * 1024  # characters of one header value looked at (a 1 MB To: is not read whole)
@@ -107,6 +109,8 @@ def decode_bytes(raw: bytes, charset: str | None = None) -> str:
 def _raw_header(value: str) -> str:
     """A header as the bytes parser left it (8-bit bytes as surrogates), decoded to text."""
     value = value[:HEADER_CAP]
+    if value.isascii():  # nearly every header: nothing to decode
+        return value
     try:
         raw = value.encode("utf-8", "surrogateescape")
     except UnicodeError:
@@ -119,7 +123,8 @@ def decode_words(value: str | None) -> str:
     if not value:
         return ""
     value = value if isinstance(value, str) else str(value)
-    value = _raw_header(value) if any("\udc80" <= c <= "\udcff" for c in value) else value[:HEADER_CAP]
+    surrogates = not value.isascii() and _SURROGATE.search(value) is not None
+    value = _raw_header(value) if surrogates else value[:HEADER_CAP]
     if "=?" not in value:
         return _unfold(value)
     try:
@@ -132,16 +137,52 @@ def decode_words(value: str | None) -> str:
     return _unfold("".join(out))
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")  # an 8-bit byte the bytes parser could not decode
+_FOLD = re.compile(r"\r?\n[ \t]*")
+
+
 def _unfold(value: str) -> str:
-    return re.sub(r"\r?\n[ \t]*", " ", value).replace("\x00", "")
+    if "\n" not in value and "\x00" not in value:
+        return value
+    return _FOLD.sub(" ", value).replace("\x00", "")
+
+
+# The forms nearly all mail uses, `Name <local@domain>` and `local@domain` (comma-separated), read
+# without the email package's character-at-a-time parser; anything else (quotes, comments, groups,
+# dots in a name, odd addresses) goes to `getaddresses`. Both give the same pairs for these forms.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_ADDRESS = rf"{_DOT_ATOM}@{_DOT_ATOM}"
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t\r\n]*(?:([^<>()\[\]\",;:\\@.]*?)[ \t\r\n]*<({_ADDRESS})>|({_ADDRESS}))[ \t\r\n]*"
+)
+_LWS = re.compile(r"[ \t\r\n]+")
+
+
+def _simple_pairs(values: list[str]) -> list[tuple[str, str]] | None:
+    """`getaddresses(values)` for the simple forms, else None."""
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        for piece in value.split(","):
+            m = _SIMPLE_ADDRESS.fullmatch(piece)
+            if m is None:
+                return None
+            name, routed, bare = m.groups()
+            if bare is not None:
+                pairs.append(("", bare))
+            else:
+                pairs.append((_LWS.sub(" ", name) if name else "", routed))
+    return pairs
 
 
 def _addresses(values: list[str]) -> tuple[Address, ...]:
     out: list[Address] = []
-    try:
-        pairs = email.utils.getaddresses(values)
-    except (ValueError, TypeError, IndexError):
-        pairs = []
+    pairs = _simple_pairs(values)
+    if pairs is None:
+        try:
+            pairs = email.utils.getaddresses(values)
+        except (ValueError, TypeError, IndexError):
+            pairs = []
     for name, addr in pairs[:ADDRESS_CAP]:
         addr = addr.strip().strip("<>").lower()
         if "@" in addr and " " not in addr:
@@ -215,19 +256,18 @@ def body_text(msg: email.message.Message, cap: int = TEXT_CAP) -> str:
             for child in children:
                 walk(child, depth + 1)
             return
-        if part.get_content_maintype() != "text" or part.get_content_subtype() not in ("plain", "html"):
+        if ctype not in ("text/plain", "text/html"):
             return
-        if part.get_content_disposition() == "attachment" and depth > 0:
+        if depth > 0 and part.get_content_disposition() == "attachment":
             return
         text = _payload_text(part, cap)
-        add(html_to_text(text) if part.get_content_subtype() == "html" else text)
+        add(html_to_text(text) if ctype == "text/html" else text)
 
     walk(msg, 0)
     return "\n".join(out)[:cap]
 
 
-def _date(msg: email.message.Message) -> datetime | None:
-    values = _header_strs(msg, "Date")
+def _date(values: list[str]) -> datetime | None:
     if not values:
         return None
     try:
@@ -239,23 +279,31 @@ def _date(msg: email.message.Message) -> datetime | None:
         return None
 
 
+_READ_HEADERS = frozenset(("from", "message-id", "to", "cc", "reply-to", "subject", "date"))
+
+
 def parse_message(raw: bytes, *, source: str, location: str) -> MailMessage:
     """Parse one RFC 5322 message. Malformed MIME is parsed as far as it goes; defects are counted."""
     msg = email.message_from_bytes(raw)
     defects = len(msg.defects) + sum(len(p.defects) for p in msg.walk() if p is not msg)
-    senders = _addresses([decode_words(v) for v in _header_strs(msg, "From")])
-    ids = _header_strs(msg, "Message-ID")
+    # one pass over the header block; each value decoded once, and only the ones used
+    found: dict[str, list[str]] = {}
+    kept: list[tuple[str, str]] = []
+    for k, v in msg.raw_items():
+        name = k.lower()
+        if name in _READ_HEADERS:
+            found.setdefault(name, []).append(_raw_header(v))
+        if name in KEPT_HEADERS:
+            kept.append((k, decode_words(_raw_header(v))))
+    senders = _addresses([decode_words(v) for v in found.get("from", ())])
+    ids = found.get("message-id")
     message_id = " ".join(ids[0].split())[:998] if ids and ids[0].strip() else None
-    headers = tuple(
-        (k, decode_words(v))
-        for k, v in ((k, _raw_header(v)) for k, v in msg.raw_items())
-        if k.lower() in KEPT_HEADERS
-    )
+    headers = tuple(kept)
 
     def addrs(name: str) -> tuple[Address, ...]:
-        return _addresses(_header_strs(msg, name))
+        return _addresses(found.get(name, []))
 
-    subjects = _header_strs(msg, "Subject")
+    subjects = found.get("subject")
     try:
         text = body_text(msg)
     except Exception:  # the headers still classify a message whose body cannot be read
@@ -265,11 +313,11 @@ def parse_message(raw: bytes, *, source: str, location: str) -> MailMessage:
         source=source,
         location=location,
         message_id=message_id,
-        date=_date(msg),
+        date=_date(found.get("date", [])),
         sender=senders[0] if senders else None,
-        to=addrs("To"),
-        cc=addrs("Cc"),
-        reply_to=addrs("Reply-To"),
+        to=addrs("to"),
+        cc=addrs("cc"),
+        reply_to=addrs("reply-to"),
         subject=decode_words(subjects[0]).strip() if subjects else "",
         text=text,
         headers=headers,
@@ -396,3 +444,148 @@ def read_eml(path: Path, *, source: str, stats: MailStats | None = None) -> Mail
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", where=str(path)) from None
     return _parse_or_count(raw, source, str(path), stats)
+
+
+# ---- the file backends (see auditd.sources.base.MailSource) ---------------------------------------
+
+POSITION = "position"  # the one checkpoint key of a file source
+
+
+def _missing(name: str, path: Path, what: str) -> SourceError:
+    return SourceError(f"{path}: {what}", where=name)
+
+
+class MaildirFolder:
+    """A Maildir folder. Checkpoint: `MTIME name/name…`, the newest mtime read (ns) and the keys
+    (`maildir_key`) of the files read at that mtime."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+
+    def read(
+        self, previous: Mapping[str, str], stats: MailStats
+    ) -> Iterator[tuple[MailMessage | None, dict[str, str]]]:
+        since, seen = 0, frozenset[str]()
+        stamp, _, names = (previous.get(POSITION) or "").partition(" ")
+        if stamp.isdigit():
+            since, seen = int(stamp), frozenset(n for n in names.split("/") if n)
+        for msg, (mtime, key) in read_maildir(
+            self.path, source=self.name, since_mtime_ns=since, seen=seen, stats=stats
+        ):
+            if mtime != since:
+                since, seen = mtime, frozenset()
+            seen = seen | {key}
+            yield msg, {POSITION: f"{since} {'/'.join(sorted(seen))}"}
+
+    def probe(self) -> None:
+        if not self.path.exists():
+            raise _missing(self.name, self.path, "not found")
+        if not is_maildir(self.path):
+            raise _missing(self.name, self.path, "not a Maildir folder (no cur/ or new/)")
+
+    def forwarding_rules(self, now: datetime) -> list[ForwardingRule]:
+        return []  # files hold messages, not a mailbox's rules
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_dev}-{st.st_ino}"
+
+
+class MboxFile:
+    """An mbox file. Checkpoint: `DEV-INO:OFFSET`, the file's identity and the offset after the last
+    message read; a replaced or truncated file is read again from the start."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+
+    def _offset(self, identity: str, checkpoint: str | None) -> int:
+        if not checkpoint or ":" not in checkpoint:
+            return 0
+        was, _, offset = checkpoint.rpartition(":")
+        if was != identity or not offset.isdigit() or int(offset) > self.path.stat().st_size:
+            return 0
+        return int(offset)
+
+    def read(
+        self, previous: Mapping[str, str], stats: MailStats
+    ) -> Iterator[tuple[MailMessage | None, dict[str, str]]]:
+        try:
+            identity = _file_identity(self.path)
+            if self.path.stat().st_size == 0:
+                return  # a new, empty mbox: nothing yet, not a broken file
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror}", where=str(self.path)) from None
+        offset = self._offset(identity, previous.get(POSITION))
+        for msg, end in read_mbox(self.path, source=self.name, offset=offset, stats=stats):
+            yield msg, {POSITION: f"{identity}:{end}"}
+
+    def probe(self) -> None:
+        if not self.path.exists():
+            raise _missing(self.name, self.path, "not found")
+        if not self.path.is_file():
+            raise _missing(self.name, self.path, "not a file")
+        if self.path.stat().st_size and not is_mbox(self.path):
+            raise _missing(self.name, self.path, "not an mbox file (does not start with a 'From ' line)")
+
+    def forwarding_rules(self, now: datetime) -> list[ForwardingRule]:
+        return []  # files hold messages, not a mailbox's rules
+
+
+class EmlFiles:
+    """Single-message files: a folder's `*.eml`, a glob, or one file. Checkpoint: JSON
+    `[CTIME, [path, ...]]`, the newest inode change time read (ns) and the files read at it.
+
+    The change time, not the modification time: a file copied in with its old mtime kept
+    (`cp -p`, rsync) still has a new ctime, so it is not taken for one read before.
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+
+    def _files(self) -> list[Path]:
+        if self.path.is_dir():
+            return sorted(self.path.glob("*.eml"))
+        if self.path.is_file():
+            return [self.path]
+        return [Path(p) for p in sorted(glob.glob(str(self.path)))]
+
+    def read(
+        self, previous: Mapping[str, str], stats: MailStats
+    ) -> Iterator[tuple[MailMessage | None, dict[str, str]]]:
+        since, seen = _eml_checkpoint(previous.get(POSITION))
+        entries: list[tuple[int, str, Path]] = []
+        for f in self._files():
+            try:
+                changed = f.stat().st_ctime_ns
+            except FileNotFoundError:
+                continue  # removed since the listing
+            if changed > since or (changed == since and str(f) not in seen):
+                entries.append((changed, str(f), f))
+        for changed, key, f in sorted(entries):
+            if changed != since:
+                since, seen = changed, frozenset()
+            seen = seen | {key}
+            update = {POSITION: json.dumps([since, sorted(seen)], ensure_ascii=False)}
+            yield read_eml(f, source=self.name, stats=stats), update
+
+    def probe(self) -> None:
+        if not self.path.is_dir() and not self._files():
+            raise _missing(self.name, self.path, "not found (no such folder, file or matching files)")
+
+    def forwarding_rules(self, now: datetime) -> list[ForwardingRule]:
+        return []  # files hold messages, not a mailbox's rules
+
+
+def _eml_checkpoint(value: str | None) -> tuple[int, frozenset[str]]:
+    """An EmlFiles checkpoint; anything unreadable means from the start (messages are de-duplicated)."""
+    try:
+        stamp, names = json.loads(value) if value else (0, [])
+        if isinstance(stamp, int) and isinstance(names, list):
+            return stamp, frozenset(str(n) for n in names)
+    except (ValueError, TypeError):
+        pass
+    return 0, frozenset()

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from auditd.model import NetObservation
-from auditd.sources.logio import Keep, LogStats, kept, open_log, start_of, strip_port, where
+from auditd.sources.logio import Keep, LogStats, blocks, kept, open_log, start_of, strip_port, where
 
 NAME_FIELD = {"dns": "query", "ssl": "server_name", "http": "host", "quic": "server_name"}
 KNOWN = frozenset((*NAME_FIELD, "conn"))
@@ -156,73 +156,94 @@ def _records(
 ) -> Iterator[tuple[int, int, Record]]:
     """(offset after the line, line number, record) for records naming something `keep` accepts.
 
-    The hot path: a TSV name record is split once, and its name looked at (once per distinct name)
-    before anything else is decoded or parsed.
+    The hot path: the log is read a block of lines at a time; in a block with no header line, a TSV
+    name record is split only as far as its name, and a name seen before and not kept costs nothing
+    more (no offset or count kept per line: the block's count is taken at once). Blocks with header
+    lines, JSON logs and conn.log take the careful path, line by line.
     """
     gz, start = start_of(path, offset)
     h = read_header(path) if start > 0 else Header()
     memo: dict[bytes, str | None] = {}  # raw name field -> the name, or None: unset or not kept
-    pos, lines, count_from = start, 0, stats.count_from
-    hold = hold_partial and not gz
-    fast, sep, i_name = h.log in want and h.log in NAME_FIELD, h.sep, h.i_name
+    pos, n, lines, count_from = start, 0, 0, stats.count_from
+
+    def careful(raw: bytes) -> tuple[bool, Record | str | None]:
+        """(counts as a line, record) for a line that is not a header line."""
+        if not raw.strip():
+            return False, None
+        if raw[:1] == b"{":
+            rec = _json_record(raw, want)
+            if rec is not None and not isinstance(rec, str) and rec[0] != "conn":
+                name = rec[5] if rec[0] == "dns" else strip_port(rec[5])
+                kept_it = kept(name, keep, {})
+                rec = (rec[0], rec[1], rec[2], rec[3], rec[4], name, 0.0, None) if kept_it else None
+            return True, rec
+        if h.log in want and h.log in NAME_FIELD:
+            parts = raw.rstrip(b"\r\n").split(h.sep)
+            if len(parts) != h.nfields:
+                return True, f"expected {h.nfields} fields, got {len(parts)}"
+            got = memo[parts[h.i_name]] = _name(parts[h.i_name], h, keep)
+            return True, None if got is None else _tsv_name_record(parts, h, got)
+        return True, _tsv_record(raw, h, want)
+
     with open_log(path, start) as fh:
-        for n, raw in enumerate(fh, 1):
-            if hold and raw[-1:] != b"\n":
-                break
-            pos += len(raw)
-            rec: Record | str | None
-            if fast and raw[0] != 35:  # 35 is "#"
-                # The hot path: split as far as the name, and go on only for a name wanted.
-                parts = raw.split(sep, i_name + 1)
-                try:
-                    got = memo[parts[i_name]]
-                except (KeyError, IndexError):
-                    pass  # a name not seen yet, or a short line: the careful path below
-                else:
-                    if pos > count_from:
-                        lines += 1
+        for block, whole in blocks(fh, hold_partial and not gz):
+            rows = block.split(b"\n")
+            if whole:
+                rows.pop()  # after the last newline
+            fast = h.log in want and h.log in NAME_FIELD
+            if fast and whole and pos >= count_from and b"#" not in block:
+                # The hot path: split as far as the name; go on only for a name wanted or not seen yet.
+                sep, i_name, k = h.sep, h.i_name, h.i_name + 1
+                counted, done, end = len(rows), 0, pos  # rows[:done] end at offset `end`
+                for j, raw in enumerate(rows):
+                    try:
+                        got = memo[raw.split(sep, k)[i_name]]
+                    except (KeyError, IndexError):
+                        got = _UNSEEN
                     if got is None:
                         continue
-                    rec = _tsv_name_record(raw.rstrip(b"\r\n").split(sep), h, got)
-                    stats.end = pos
-                    if isinstance(rec, str):
-                        stats.skip(where(n, start), rec)
+                    end += sum(map(len, rows[done : j + 1])) + j + 1 - done
+                    done = j + 1
+                    rec: Record | str | None
+                    if got is _UNSEEN:
+                        counts, rec = careful(raw)
+                        counted -= not counts
+                    else:
+                        rec = _tsv_name_record(raw.rstrip(b"\r").split(sep), h, got)
+                    if rec is None:
                         continue
-                    yield pos, n, rec
+                    stats.end = end
+                    if isinstance(rec, str):
+                        stats.skip(where(n + j + 1, start), rec)
+                        continue
+                    yield end, n + j + 1, rec
+                lines += counted
+                pos += len(block)
+                n += len(rows)
+                continue
+            nl = 1 if whole else 0
+            for raw in rows:
+                n += 1
+                pos += len(raw) + nl
+                if raw[:1] == b"#":
+                    header_line(h, raw)
+                    memo.clear()
                     continue
-            if raw[:1] == b"#":
-                header_line(h, raw)
-                memo.clear()
-                fast, sep, i_name = h.log in want and h.log in NAME_FIELD, h.sep, h.i_name
-                continue
-            if not raw.strip():
-                continue
-            if pos > count_from:
-                lines += 1
-            if raw[:1] == b"{":
-                rec = _json_record(raw, want)
-                if rec is not None and not isinstance(rec, str) and rec[0] != "conn":
-                    name = rec[5] if rec[0] == "dns" else strip_port(rec[5])
-                    kept_it = kept(name, keep, {})
-                    rec = (rec[0], rec[1], rec[2], rec[3], rec[4], name, 0.0, None) if kept_it else None
-            elif fast:
-                parts = raw.rstrip(b"\r\n").split(sep)
-                if len(parts) != h.nfields:
-                    rec = f"expected {h.nfields} fields, got {len(parts)}"
-                else:
-                    got = memo[parts[i_name]] = _name(parts[i_name], h, keep)
-                    rec = None if got is None else _tsv_name_record(parts, h, got)
-            else:
-                rec = _tsv_record(raw, h, want)
-            if rec is None:
-                continue
-            stats.end = pos
-            if isinstance(rec, str):
-                stats.skip(where(n, start), rec)
-                continue
-            yield pos, n, rec
+                counts, rec = careful(raw)
+                if counts and pos > count_from:
+                    lines += 1
+                if rec is None:
+                    continue
+                stats.end = pos
+                if isinstance(rec, str):
+                    stats.skip(where(n, start), rec)
+                    continue
+                yield pos, n, rec
     stats.end = pos
     stats.lines += lines
+
+
+_UNSEEN = "\0unseen"  # a memo miss (no name is spelt so)
 
 
 def _name(raw: bytes, h: Header, keep: Keep | None) -> str | None:

@@ -9,22 +9,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import ipaddress
-import json
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from auditd.config import GraphSource
@@ -32,188 +24,18 @@ from auditd.errors import SourceError
 from auditd.model import Address, MailMessage
 from auditd.sources.graph import delta_key, forwarding_rules_graph, probe_graph, read_graph
 from auditd.sources.mailfile import MailStats
-
-DATA = Path(__file__).resolve().parents[1] / "data" / "graph"
-TENANT = "11111111-2222-3333-4444-555555555555"
-CLIENT_ID = "00000000-0000-0000-0000-0000000000a1"
-SECRET = "s3cr3t~value"
-MAILBOX = "jane.smith@choysez.org.uk"
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    form: dict[str, list[str]] = field(default_factory=dict)
-
-
-class GraphPeer:
-    """State of the fake Entra ID + Graph service: what it was asked, and what to answer next."""
-
-    def __init__(self) -> None:
-        self.base = ""
-        self.requests: list[Seen] = []
-        self.throttle: list[str] = []  # Retry-After values to answer delta requests with, first first
-        self.thumbprint: str | None = None  # the x5t a certificate assertion must carry
-
-    def render(self, name: str, **extra: str) -> bytes:
-        text = (DATA / name).read_text(encoding="utf-8")
-        for key, value in {"base": self.base, "tenant": TENANT, "mailbox": MAILBOX, **extra}.items():
-            text = text.replace("{" + key + "}", value)
-        return text.encode()
-
-    def deltas(self) -> list[Seen]:
-        return [r for r in self.requests if r.path.endswith("/messages/delta")]
-
-
-def _handler(peer: GraphPeer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; odata.metadata=minimal")
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _seen(self, form: dict[str, list[str]] | None = None) -> Seen:
-            parts = urlsplit(self.path)
-            seen = Seen(
-                self.command, unquote(parts.path), parse_qs(parts.query), dict(self.headers), form or {}
-            )
-            peer.requests.append(seen)
-            return seen
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            form = parse_qs(self.rfile.read(length).decode())
-            seen = self._seen(form)
-            if seen.path != f"/{TENANT}/oauth2/v2.0/token":
-                self._send(404, b"{}")
-                return
-            if form.get("client_secret") == [SECRET]:
-                self._send(200, peer.render("token.json"))
-                return
-            assertion = form.get("client_assertion", [""])[0]
-            if assertion and peer.thumbprint is not None:
-                header = json.loads(base64.urlsafe_b64decode(assertion.split(".")[0] + "=="))
-                if str(header.get("x5t", "")).rstrip("=") == peer.thumbprint:
-                    self._send(200, peer.render("token.json"))
-                    return
-            self._send(401, peer.render("token-invalid-client.json"))
-
-        def do_GET(self) -> None:
-            seen = self._seen()
-            if seen.path == f"/{TENANT}/v2.0/.well-known/openid-configuration":
-                self._send(200, peer.render("openid-configuration.json"))
-                return
-            if not seen.headers.get("Authorization", "").startswith("Bearer eyJ"):
-                self._send(401, b'{"error":{"code":"InvalidAuthenticationToken","message":"empty token"}}')
-                return
-            prefix = f"/v1.0/users/{MAILBOX}/mailFolders/"
-            if not seen.path.startswith(prefix):
-                self._send(404, peer.render("error-mailbox-not-found.json"))
-                return
-            rest = seen.path[len(prefix) :]
-            folder = rest.split("/", 1)[0]
-            if rest == "inbox/messageRules":
-                self._send(200, peer.render("message-rules.json"))
-            elif rest.endswith("/messages/delta"):
-                self._delta(seen, folder)
-            elif "/" not in rest:
-                self._send(200, json.dumps({"id": "AAMkFolder=", "displayName": folder}).encode())
-            else:
-                self._send(404, b'{"error":{"code":"ErrorItemNotFound","message":"not found"}}')
-
-        def _delta(self, seen: Seen, folder: str) -> None:
-            if peer.throttle:
-                retry_after = peer.throttle.pop(0)
-                self._send(429, peer.render("error-throttled.json"), {"Retry-After": retry_after})
-                return
-            skip = seen.query.get("$skiptoken", [""])[0]
-            delta = seen.query.get("$deltatoken", [""])[0]
-            if skip == "SKIP1":
-                self._send(200, peer.render("delta-page2.json", folder=folder))
-            elif delta in ("DELTA1", "DELTA2"):
-                self._send(200, peer.render("delta-empty.json", folder=folder))
-            elif skip or delta:
-                self._send(410, peer.render("error-sync-state-not-found.json"))
-            else:
-                self._send(200, peer.render("delta-page1.json", folder=folder))
-
-    return Handler
-
-
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "server.pem", tmp / "server.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_file, key_file
+from tests.mail.graph_peer import MAILBOX, GraphPeer, self_signed, serve, source
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _self_signed(tmp_path_factory.mktemp("tls"))
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
 def peer(tls: tuple[Path, Path]) -> Iterator[GraphPeer]:
-    state = GraphPeer()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(tls[0]), str(tls[1]))
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    state.base = f"https://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
-def _source(peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path], **over: Any) -> GraphSource:
-    (tmp_path / "graph-secret").write_text(SECRET + "\n")
-    data: dict[str, Any] = {
-        "name": "m365",
-        "type": "graph",
-        "tenant_id": TENANT,
-        "client_id": CLIENT_ID,
-        "client_secret_file": "graph-secret",
-        "mailboxes": [MAILBOX],
-        "folders": ["inbox"],
-        "graph_url": f"{peer.base}/v1.0",
-        "authority": f"{peer.base}/{{tenant_id}}",
-        "ca_file": str(tls[0]),
-        **over,
-    }
-    return GraphSource.model_validate(data)
+    with serve(tls) as running:
+        yield running
 
 
 def _run(
@@ -237,7 +59,7 @@ class TestDeltaRounds:
     def test_first_round_reads_every_page_and_ends_on_the_delta_link(
         self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
     ) -> None:
-        messages, updates, saved = _run(_source(peer, tmp_path, tls), tmp_path)
+        messages, updates, saved = _run(source(peer, tmp_path, tls), tmp_path)
 
         assert [m.subject for m in messages] == [
             "Trip to the Science Museum: permission slip",
@@ -274,7 +96,7 @@ class TestDeltaRounds:
     def test_second_round_replays_the_delta_link_and_finds_nothing_new(
         self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
     ) -> None:
-        src = _source(peer, tmp_path, tls)
+        src = source(peer, tmp_path, tls)
         _, _, saved = _run(src, tmp_path)
         before = len(peer.deltas())
 
@@ -293,7 +115,7 @@ class TestDeltaRounds:
         key = delta_key(MAILBOX, "inbox")
         stale = {key: f"{peer.base}/v1.0/users/{MAILBOX}/mailFolders/inbox/messages/delta?$deltatoken=OLD"}
 
-        messages, updates, saved = _run(_source(peer, tmp_path, tls), tmp_path, stale)
+        messages, updates, saved = _run(source(peer, tmp_path, tls), tmp_path, stale)
 
         assert len(messages) == 3
         assert updates[0] == {key: ""}  # the stale link is dropped first
@@ -311,7 +133,7 @@ class TestDeltaRounds:
             key: f"{peer.base}/v1.0/users/{MAILBOX}/mailFolders/inbox/messages/delta?$skiptoken=SKIP1"
         }
 
-        messages, _, saved = _run(_source(peer, tmp_path, tls), tmp_path, part_way)
+        messages, _, saved = _run(source(peer, tmp_path, tls), tmp_path, part_way)
 
         assert [m.subject for m in messages] == ["Rota for next week"]
         assert saved[key].endswith("$deltatoken=DELTA1")
@@ -326,7 +148,7 @@ class TestThrottlingAndErrors:
         peer.throttle = ["1"]
         started = time.monotonic()
 
-        messages, _, _ = _run(_source(peer, tmp_path, tls), tmp_path)
+        messages, _, _ = _run(source(peer, tmp_path, tls), tmp_path)
 
         assert time.monotonic() - started >= 1.0
         assert len(messages) == 3
@@ -338,14 +160,14 @@ class TestThrottlingAndErrors:
         peer.throttle = ["120"]
         started = time.monotonic()
         with pytest.raises(SourceError, match=r"throttled .*Retry-After 120 s.*max_wait_seconds = 5") as exc:
-            _run(_source(peer, tmp_path, tls, max_wait_seconds=5), tmp_path)
+            _run(source(peer, tmp_path, tls, max_wait_seconds=5), tmp_path)
         assert time.monotonic() - started < 5
         assert exc.value.where == "m365"
 
     def test_a_wrong_client_secret_is_one_line_naming_the_aadsts_code(
         self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
     ) -> None:
-        src = _source(peer, tmp_path, tls)
+        src = source(peer, tmp_path, tls)
         (tmp_path / "graph-secret").write_text("wrong-secret-value")
 
         with pytest.raises(SourceError) as exc:
@@ -357,14 +179,14 @@ class TestThrottlingAndErrors:
     def test_probe_passes_for_a_known_mailbox_and_names_an_unknown_one(
         self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
     ) -> None:
-        probe_graph(_source(peer, tmp_path, tls), tmp_path)
+        probe_graph(source(peer, tmp_path, tls), tmp_path)
         with pytest.raises(SourceError, match=r"nobody@choysez.org.uk/inbox: HTTP 404 .*ErrorInvalidUser"):
-            probe_graph(_source(peer, tmp_path, tls, mailboxes=["nobody@choysez.org.uk"]), tmp_path)
+            probe_graph(source(peer, tmp_path, tls, mailboxes=["nobody@choysez.org.uk"]), tmp_path)
 
     def test_an_unreadable_mailbox_does_not_stop_the_others(
         self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
     ) -> None:
-        src = _source(peer, tmp_path, tls, mailboxes=["nobody@choysez.org.uk", MAILBOX])
+        src = source(peer, tmp_path, tls, mailboxes=["nobody@choysez.org.uk", MAILBOX])
         messages: list[MailMessage] = []
 
         def consume() -> None:
@@ -405,7 +227,7 @@ class TestCertificateAndRules:
         digest = hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).digest()
         peer.thumbprint = base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
-        src = _source(peer, tmp_path, tls, client_secret_file=None, certificate_file="graph-cert.pem")
+        src = source(peer, tmp_path, tls, client_secret_file=None, certificate_file="graph-cert.pem")
         messages, _, _ = _run(src, tmp_path)
 
         assert len(messages) == 3
@@ -420,7 +242,7 @@ class TestCertificateAndRules:
     ) -> None:
         now = dt.datetime(2026, 11, 24, 9, 0, tzinfo=dt.UTC)
 
-        rules = forwarding_rules_graph(_source(peer, tmp_path, tls), base=tmp_path, now=now)
+        rules = forwarding_rules_graph(source(peer, tmp_path, tls), base=tmp_path, now=now)
 
         assert [(r.name, r.targets, r.action, r.enabled) for r in rules] == [
             ("Everything to my gmail", ("jane.smith77@gmail.com",), "forward", True),
