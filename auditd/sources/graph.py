@@ -161,13 +161,16 @@ def _credential(src: GraphSource, base: Path) -> str | dict[str, str]:
     return certificate_credential(pem, where=str(src.certificate_file))
 
 
-def certificate_credential(pem: str, *, where: str) -> dict[str, str]:
+def certificate_credential(pem: str, *, where: str, setting: str = "certificate_file") -> dict[str, str]:
     """msal's certificate credential from one PEM holding the certificate and its private key.
 
     The thumbprint Entra ID matches against the app registration is the certificate's SHA-1 digest.
+    msal signs its client assertion with RS256 only: another key type is refused here, in one line,
+    rather than deep inside msal.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
     data = pem.encode()
     try:
@@ -175,8 +178,10 @@ def certificate_credential(pem: str, *, where: str) -> dict[str, str]:
         key = serialization.load_pem_private_key(data, password=None)
     except ValueError as exc:
         raise SourceError(
-            f"certificate_file {where}: needs a PEM certificate and an unencrypted private key ({exc})"
+            f"{setting} {where}: needs a PEM certificate and an unencrypted private key ({exc})"
         ) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SourceError(f"{setting} {where}: the private key must be RSA (Entra ID uses RS256)")
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()

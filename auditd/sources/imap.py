@@ -11,8 +11,9 @@ Each folder is checkpointed as `UIDVALIDITY:LASTUID`; the next pass fetches only
 changed UIDVALIDITY (the folder was recreated) means a full rescan of that folder. A connection that
 drops mid-scan is reopened with back-off a bounded number of times, resuming after the last message
 handed out. TLS (port 993) is verified against the system's CAs; plain IMAP is for loopback only
-(the config enforces it). Secrets come from `password_file` or `oauth_token_file` (XOAUTH2) and
-never appear in an error.
+(the config enforces it). Secrets come from `password_file`, `oauth_token_file` (XOAUTH2), or the
+OAuth client-credentials flow (`oauth_client_id`, XOAUTH2 with a token fetched for each connection,
+see `auditd.sources.oauth`), and never appear in an error.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from auditd.config import ImapSource, read_secret
 from auditd.errors import SourceError
 from auditd.model import ForwardingRule, MailMessage
 from auditd.sources.mailfile import MailStats, parse_message
+from auditd.sources.oauth import ClientCredentials, imap_credentials
 
 TEXT_TYPES = frozenset({"plain", "html"})
 HEADER_CAP = 128 * 1024  # bytes of a message's header block fetched
@@ -339,11 +341,19 @@ class _Session:
         self.src = src
         self.tuning = tuning
         self.meter = meter
-        if src.oauth_token_file is not None:
+        self._flow: ClientCredentials | None = None
+        self._secret = ""
+        if src.oauth_client_id is not None:
+            try:
+                self._flow = imap_credentials(src, base)
+            except SourceError as exc:
+                raise SourceError(exc.message, where=src.name) from None
+            self._oauth = True
+        elif src.oauth_token_file is not None:
             self._secret = read_secret(src.oauth_token_file, base, "oauth_token_file")
             self._oauth = True
         else:
-            assert src.password_file is not None  # the config insists on one of the two
+            assert src.password_file is not None  # the config insists on exactly one way to log in
             self._secret = read_secret(src.password_file, base, "password_file")
             self._oauth = False
         self._client: Any = None
@@ -351,6 +361,16 @@ class _Session:
     def _fail(self, message: str, kind: type[SourceError] = SourceError) -> SourceError:
         safe = message.replace(self._secret, "***") if self._secret else message
         return kind(safe, where=self.src.name)
+
+    def _login_secret(self) -> str:
+        """The password or token for the next login: with the client-credentials flow, a token
+        from msal's cache, or a new one when it nears expiry (a long pass may outlive one)."""
+        if self._flow is not None:
+            try:
+                self._secret = self._flow.token()
+            except SourceError as exc:
+                raise self._fail(exc.message) from None
+        return self._secret
 
     @property
     def address(self) -> str:
@@ -363,6 +383,7 @@ class _Session:
 
     def _open(self) -> Any:
         src, t = self.src, self.tuning
+        secret = self._login_secret()
         context = ssl.create_default_context() if src.tls else None
         try:
             client = IMAPClient(
@@ -382,9 +403,9 @@ class _Session:
         self.meter.connections += 1
         try:
             if self._oauth:
-                client.oauth2_login(src.username, self._secret)
+                client.oauth2_login(src.username, secret)
             else:
-                client.login(src.username, self._secret)
+                client.login(src.username, secret)
         except LoginError as exc:
             _close(client)
             raise self._fail(f"cannot log in as {src.username}: {_server_text(exc)}") from None
@@ -405,6 +426,8 @@ class _Session:
         if self._client is not None:
             _close(self._client)
             self._client = None
+        if self._flow is not None:
+            self._flow.close()
 
 
 def _close(client: Any, *, polite: bool = True) -> None:

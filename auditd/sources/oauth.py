@@ -79,7 +79,9 @@ def imap_credentials(src: ImapSource, base: Path) -> ClientCredentials:
     else:
         assert src.oauth_certificate_file is not None
         pem = read_secret(src.oauth_certificate_file, base, "oauth_certificate_file")
-        credential = certificate_credential(pem, where=str(src.oauth_certificate_file))
+        credential = certificate_credential(
+            pem, where=str(src.oauth_certificate_file), setting="oauth_certificate_file"
+        )
     return ClientCredentials(
         client_id=src.oauth_client_id,
         credential=credential,

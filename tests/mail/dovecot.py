@@ -71,7 +71,10 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 class Dovecot:
     """One Dovecot with one user (`audit`), a plain IMAP port and an implicit-TLS port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, oauth2_introspection: str | None = None) -> None:
+        """`oauth2_introspection`: also accept XOAUTH2/OAUTHBEARER logins, each token checked by a
+        POST to this URL (RFC 7662 introspection), which must answer `{"active": true, "username": ...}`."""
+        self.oauth2_introspection = oauth2_introspection
         # Not pytest's tmp_path: its parent is 0700 root, which the mail user could not enter.
         self.root = Path(tempfile.mkdtemp(prefix="auditd-dovecot-"))
         self.root.chmod(0o755)
@@ -105,6 +108,16 @@ class Dovecot:
         passwd.chmod(0o600)
         cert, key = _self_signed(self.root)
         group = "root" if os.geteuid() == 0 else grp.getgrgid(self.gid).gr_name
+        mechanisms, password_only, oauth2 = "plain login", "", ""
+        if self.oauth2_introspection is not None:
+            ext = self.root / "dovecot-oauth2.conf.ext"
+            ext.write_text(
+                f"introspection_mode = post\nintrospection_url = {self.oauth2_introspection}\n"
+                "username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+            )
+            mechanisms = "plain login xoauth2 oauthbearer"
+            password_only = "\n  mechanisms = plain login"
+            oauth2 = f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {ext}\n}}\n"
         self.conf.write_text(
             f"""
 base_dir = {self.root}/run
@@ -116,7 +129,7 @@ ssl = yes
 ssl_cert = <{cert}
 ssl_key = <{key}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_failure_delay = 0
 # no growing delay for 127.0.0.1 after a test's deliberate failed login
 login_trusted_networks = 127.0.0.0/8
@@ -129,10 +142,10 @@ mail_location = maildir:{self.maildir}
 mail_fsync = never
 mail_max_userip_connections = 50
 passdb {{
-  driver = passwd-file
+  driver = passwd-file{password_only}
   args = scheme=PLAIN username_format=%u {passwd}
 }}
-userdb {{
+{oauth2}userdb {{
   driver = static
   args = uid={self.uid} gid={self.gid} home={self.home}
 }}

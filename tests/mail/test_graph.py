@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from auditd.config import GraphSource
@@ -236,6 +236,33 @@ class TestCertificateAndRules:
             "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
         ]
         assert token_request.form["scope"] == [f"{peer.base}/.default"]
+
+    def test_a_certificate_with_an_ec_key_is_one_clear_error(
+        self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
+    ) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "choysez-auditd")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (tmp_path / "graph-cert.pem").write_bytes(pem)
+        src = source(peer, tmp_path, tls, client_secret_file=None, certificate_file="graph-cert.pem")
+        with pytest.raises(
+            SourceError, match=r"certificate_file graph-cert\.pem: the private key must be RSA"
+        ):
+            _run(src, tmp_path)
+        assert not [r for r in peer.requests if r.method == "POST"]  # refused before asking for a token
 
     def test_forwarding_and_redirect_rules_become_forwarding_rules(
         self, peer: GraphPeer, tmp_path: Path, tls: tuple[Path, Path]
