@@ -54,7 +54,13 @@ class FileProgress:
     """`with FileProgress(path, sys.stderr): read(path)` shows progress when it is worth showing."""
 
     def __init__(
-        self, path: Path, stream: TextIO, *, min_size: int = MIN_SIZE, interval: float = 0.25
+        self,
+        path: Path,
+        stream: TextIO,
+        *,
+        min_size: int = MIN_SIZE,
+        interval: float = 0.25,
+        enabled: bool = True,
     ) -> None:
         self.path = path
         self.stream = stream
@@ -65,7 +71,7 @@ class FileProgress:
             self.total = path.stat().st_size if path.is_file() else 0
         except OSError:
             self.total = 0
-        self.active = self.total >= min_size and _is_terminal(stream)
+        self.active = enabled and self.total >= min_size and _is_terminal(stream)
 
     def __enter__(self) -> FileProgress:
         if self.active:
@@ -84,7 +90,9 @@ class FileProgress:
 
     def _run(self) -> None:
         started = time.monotonic()
-        while not self._stop.wait(self.interval):
+        wait = min(self.interval, 0.05)  # the first draw soon, then one each interval
+        while not self._stop.wait(wait):
+            wait = self.interval
             done = read_offset(self.path)
             if done is not None:
                 line = render(self.path.name, done, self.total, time.monotonic() - started)

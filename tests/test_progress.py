@@ -6,10 +6,12 @@ import io
 import os
 import pty
 import select
+import subprocess
 import time
 from pathlib import Path
 
 from auditd.progress import FileProgress, read_offset, render
+from tests.conftest import COMMAND, SAMPLE
 
 
 class TestProgress:
@@ -63,3 +65,37 @@ class TestProgress:
         finally:
             os.close(master)
             os.close(slave)
+
+
+class TestInspectShowsProgress:
+    """`inspect` of a large capture into a file draws the bar on the terminal, and only there."""
+
+    def test_bar_on_the_terminal_data_in_the_file(self, tmp_path: Path) -> None:
+        sample = (SAMPLE / "captures" / "sample.pcap").read_bytes()
+        header, records = sample[:24], sample[24:]
+        big = tmp_path / "big.pcap"
+        with big.open("wb") as fh:
+            fh.write(header)
+            while fh.tell() < 160_000_000:
+                fh.write(records)  # the same day again: times repeat, which a reader must take
+        out = tmp_path / "out.jsonl"
+        master, slave = pty.openpty()
+        try:
+            with out.open("w") as stdout:
+                proc = subprocess.run(
+                    [str(COMMAND), "inspect", str(big), "--only-matches"],
+                    stdout=stdout,
+                    stderr=slave,
+                    timeout=120,
+                    check=False,
+                )
+            shown = ""
+            while select.select([master], [], [], 0.2)[0]:
+                shown += os.read(master, 65536).decode(errors="replace")
+        finally:
+            os.close(master)
+            os.close(slave)
+        assert proc.returncode == 0
+        assert "big.pcap: [" in shown and "MB/s" in shown
+        lines = out.read_text().splitlines()
+        assert lines and all(line.startswith('{"kind": "net"') for line in lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +16,7 @@ from typing import BinaryIO
 from auditd.errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"
+BLOCK = 1 << 20  # read this much at a time: per-read costs vanish, and a block stays in cache
 
 Keep = Callable[[str], bool]
 """A filter on names: a reader given one builds observations only for names it accepts (hot path)."""
@@ -58,6 +59,26 @@ def open_log(path: Path, offset: int = 0) -> BinaryIO:
         return fh
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", where=str(path)) from None
+
+
+def blocks(fh: BinaryIO, hold_partial: bool) -> Iterator[tuple[bytes, bool]]:
+    """The file's bytes as (block, True) blocks of whole lines (each ending in a newline), then the
+    unterminated last line as (line, False), unless `hold_partial` (a line still being written).
+
+    Readers iterate a block's lines (`io.BytesIO(block)` shares it) and skip most of them without
+    per-line bookkeeping; a block is completed with `readline`, so no bytes are copied twice.
+    """
+    while data := fh.read(BLOCK):
+        if data[-1] != 10:  # 10 is "\n"
+            data += fh.readline()
+            if data[-1] != 10:  # the end of the file, in an unterminated line
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    yield data[:cut], True
+                if not hold_partial:
+                    yield data[cut:], False
+                return
+        yield data, True
 
 
 def head_lines(path: Path, limit: int = 30, max_bytes: int = 64 * 1024) -> list[bytes]:

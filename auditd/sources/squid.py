@@ -18,13 +18,14 @@ Each line is its own flow (`flow` is `squid:<file>:<offset>`, the same when a li
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from auditd.model import NetObservation
-from auditd.sources.logio import Keep, LogStats, kept, open_log, start_of, strip_port, where
+from auditd.sources.logio import Keep, LogStats, blocks, kept, open_log, start_of, strip_port, where
 
 _COMMON = re.compile(
     rb'^(?P<client>\S+) \S+ \S+ \[(?P<ts>[^\]]+)\] "(?P<method>[A-Z]+) (?P<url>\S+)(?: [^"]*)?" '
@@ -52,61 +53,113 @@ def read_squid(
     keep: Keep | None = None,
     hold_partial: bool = False,
 ) -> Iterator[tuple[NetObservation, int]]:
+    """Observations for the names `keep` accepts, each with the offset just after its line.
+
+    The hot path: the log is read a block of lines at a time; in a block with no comment and no
+    `[` (so no common-format line), a native line is split only as far as its URL, and a CONNECT
+    target or URL host seen before and not kept costs nothing more; any other line is read carefully.
+    A name is remembered per CONNECT target and, apart, per URL up to the end of its authority (all
+    its host depends on), so that `GET 1a://host/` never borrows what `GET http://host/` decided.
+    """
     gz, start = start_of(path, offset)
-    memo: dict[bytes, str | None] = {}  # CONNECT target or URL host -> the name, if kept
     tag = f"squid:{path.name}:"
-    pos = start
-    count_from = stats.count_from
-    hold = hold_partial and not gz
-    lines = 0
+    pos, n, lines, count_from = start, 0, 0, stats.count_from
+    memo = _Memo(keep)
     with open_log(path, start) as fh:
-        for n, raw in enumerate(fh, 1):
-            if hold and raw[-1:] != b"\n":
-                break
-            line_start = pos
-            pos += len(raw)
-            got: Parsed | str | None
-            # The hot path (native format): split as far as the URL; go on only for a name wanted.
-            parts = raw.split(None, 7)
-            if len(parts) == 8 and parts[3].find(b"/") > 0 and parts[3][0] != 91:  # 91 is "["
-                if pos > count_from:
-                    lines += 1
-                url = parts[6]
-                connect = parts[5] == b"CONNECT"
-                key = url if connect else url.split(b"/", 3)[2] if b"://" in url else b""
-                try:
-                    host = memo[key]
-                except KeyError:
-                    name = url_host("CONNECT" if connect else "GET", url.decode("utf-8", "replace"))
-                    host = memo[key] = name if name and kept(name, keep, {}) else None
-                if host is None:
-                    continue
-                got = _native(raw.split(), host)
-            elif not parts or raw[:1] == b"#":
-                continue
+        for block, whole in blocks(fh, hold_partial and not gz):
+            lines_in = io.BytesIO(block)  # shares the block: iterating it is cheaper than a split
+            found: list[tuple[int, int, int, Parsed | str]] = []  # (line number, start, end, parsed)
+            if whole and pos >= count_from and b"#" not in block and b"[" not in block:
+                j, uncounted = -1, 0
+                connect, other = memo.connect, memo.other
+                for j, raw in enumerate(lines_in):
+                    try:
+                        _, _, _, action, _, method, url, _ = raw.split(None, 7)
+                        if action.find(b"/") <= 0:  # not native (no `[` here, so no common-format line)
+                            raise ValueError
+                        host = connect[url] if method == b"CONNECT" else other[_url_key(url)]
+                    except (KeyError, ValueError):
+                        host = _UNSEEN
+                    if host is None:
+                        continue
+                    if host is _UNSEEN:
+                        counts, got = memo.line(raw, raw.split(None, 7))
+                        uncounted += not counts
+                    else:
+                        got = _native(raw.split(), host)
+                    if got is not None:
+                        end = pos + lines_in.tell()
+                        found.append((n + j + 1, end - len(raw), end, got))
+                lines += j + 1 - uncounted
+                n += j + 1
+                pos += len(block)
             else:
-                if pos > count_from:
-                    lines += 1
-                got = _common(raw)
-                if not isinstance(got, str) and not (got[4] and kept(got[4], keep, {})):
-                    got = None
-            if got is None:
-                continue
-            if isinstance(got, str):
-                stats.end = pos
-                stats.skip(where(n, start), got)
-                continue
-            stats.end = pos
-            ts, elapsed, client, server, host, size = got
-            first = ts - elapsed if elapsed else ts
-            yield (
-                NetObservation(
-                    source, ts, client, server, host, "log", size, first, ts, tag + str(line_start)
-                ),
-                pos,
-            )
+                for raw in lines_in:
+                    n += 1
+                    pos += len(raw)
+                    counts, got = memo.line(raw, raw.split(None, 7))
+                    if counts and pos > count_from:
+                        lines += 1
+                    if got is not None:
+                        found.append((n, pos - len(raw), pos, got))
+            for lineno, line_start, end, got in found:
+                stats.end = end
+                if isinstance(got, str):
+                    stats.skip(where(lineno, start), got)
+                    continue
+                ts, elapsed, client, server, host, size = got
+                first = ts - elapsed if elapsed else ts
+                yield (
+                    NetObservation(
+                        source, ts, client, server, host, "log", size, first, ts, tag + str(line_start)
+                    ),
+                    end,
+                )
     stats.end = pos
     stats.lines += lines
+
+
+_UNSEEN = "\0unseen"  # a memo miss (compared by identity: no decoded name is this object)
+
+
+def _is_native(parts: list[bytes]) -> bool:
+    return len(parts) == 8 and parts[3].find(b"/") > 0 and parts[3][0] != 91  # 91 is "["
+
+
+def _url_key(url: bytes) -> bytes:
+    """What the host of a non-CONNECT URL depends on: up to the end of its authority (b"": none)."""
+    i = url.find(b"://")
+    if i < 0:
+        return b""
+    j = url.find(b"/", i + 3)
+    return url if j < 0 else url[:j]
+
+
+class _Memo:
+    """CONNECT target or URL prefix -> the host, if kept; and the careful reading of one line."""
+
+    def __init__(self, keep: Keep | None) -> None:
+        self.keep = keep
+        self.connect: dict[bytes, str | None] = {}
+        self.other: dict[bytes, str | None] = {}
+
+    def line(self, raw: bytes, parts: list[bytes]) -> tuple[bool, Parsed | str | None]:
+        """(counts as a line, what it says) for one line; `parts` is `raw.split(None, 7)`."""
+        if _is_native(parts):
+            url = parts[6]
+            connect = parts[5] == b"CONNECT"
+            memo, key = (self.connect, url) if connect else (self.other, _url_key(url))
+            host = memo.get(key, _UNSEEN)
+            if host is _UNSEEN:
+                name = url_host("CONNECT" if connect else "GET", url.decode("utf-8", "replace"))
+                host = memo[key] = name if name and kept(name, self.keep, {}) else None
+            return True, None if host is None else _native(raw.split(), host)
+        if not parts or raw[:1] == b"#":
+            return False, None
+        got = _common(raw)
+        if not isinstance(got, str) and not (got[4] and kept(got[4], self.keep, {})):
+            return True, None
+        return True, got
 
 
 Parsed = tuple[datetime, timedelta | None, str, str, str, int | None]

@@ -17,6 +17,7 @@ DNS records never carry bytes: the bytes of a lookup say nothing about viewing.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -187,44 +188,38 @@ def _records(
 
     with open_log(path, start) as fh:
         for block, whole in blocks(fh, hold_partial and not gz):
-            rows = block.split(b"\n")
-            if whole:
-                rows.pop()  # after the last newline
-            fast = h.log in want and h.log in NAME_FIELD
-            if fast and whole and pos >= count_from and b"#" not in block:
+            lines_in = io.BytesIO(block)  # shares the block: iterating it is cheaper than a split
+            if whole and pos >= count_from and h.log in want and h.log in NAME_FIELD and b"#" not in block:
                 # The hot path: split as far as the name; go on only for a name wanted or not seen yet.
                 sep, i_name, k = h.sep, h.i_name, h.i_name + 1
-                counted, done, end = len(rows), 0, pos  # rows[:done] end at offset `end`
-                for j, raw in enumerate(rows):
+                j, uncounted = -1, 0
+                for j, raw in enumerate(lines_in):
                     try:
                         got = memo[raw.split(sep, k)[i_name]]
                     except (KeyError, IndexError):
                         got = _UNSEEN
                     if got is None:
                         continue
-                    end += sum(map(len, rows[done : j + 1])) + j + 1 - done
-                    done = j + 1
                     rec: Record | str | None
                     if got is _UNSEEN:
                         counts, rec = careful(raw)
-                        counted -= not counts
+                        uncounted += not counts
                     else:
-                        rec = _tsv_name_record(raw.rstrip(b"\r").split(sep), h, got)
+                        rec = _tsv_name_record(raw.rstrip(b"\r\n").split(sep), h, got)
                     if rec is None:
                         continue
-                    stats.end = end
+                    stats.end = end = pos + lines_in.tell()
                     if isinstance(rec, str):
                         stats.skip(where(n + j + 1, start), rec)
                         continue
                     yield end, n + j + 1, rec
-                lines += counted
+                lines += j + 1 - uncounted
+                n += j + 1
                 pos += len(block)
-                n += len(rows)
                 continue
-            nl = 1 if whole else 0
-            for raw in rows:
+            for raw in lines_in:
                 n += 1
-                pos += len(raw) + nl
+                pos += len(raw)
                 if raw[:1] == b"#":
                     header_line(h, raw)
                     memo.clear()
@@ -243,7 +238,7 @@ def _records(
     stats.lines += lines
 
 
-_UNSEEN = "\0unseen"  # a memo miss (no name is spelt so)
+_UNSEEN = "\0unseen"  # a memo miss (compared by identity: no decoded name is this object)
 
 
 def _name(raw: bytes, h: Header, keep: Keep | None) -> str | None:
