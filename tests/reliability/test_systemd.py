@@ -130,7 +130,7 @@ class TestSandbox:
     def test_every_secret_in_the_example_config_is_a_credential(self) -> None:
         """Each `*_file` secret (commented examples too) can reach the daemon via LoadCredential=."""
         example = (ROOT / "deploy" / "config.example.toml").read_text()
-        secrets = set(re.findall(r"^#?\s*(?!ca_file)\w+_file\s*=\s*\"([^\"]+)\"", example, re.MULTILINE))
+        secrets = set(re.findall(r"^#?\s*(?!\w*ca_file)\w+_file\s*=\s*\"([^\"]+)\"", example, re.MULTILINE))
         assert "imap-password" in secrets and "smtp-password" in secrets
         credentials = {v.split(":")[0] for v in settings(MAIN)["LoadCredential"]}
         assert secrets <= credentials, f"secrets without LoadCredential=: {secrets - credentials}"
