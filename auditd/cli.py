@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -465,7 +466,7 @@ def cmd_findings(args: argparse.Namespace) -> int:
         elif args.format == "csv":
             _write_csv_findings(store.iter_findings(**query))
         else:
-            _write_table_findings(store.list_findings(**query), tz)
+            _write_table_findings(store.iter_findings(**query), tz)
     return 0
 
 
@@ -528,9 +529,15 @@ def _write_csv_findings(found: Iterator[StoredFinding]) -> None:
         )
 
 
-def _write_table_findings(found: list[StoredFinding], tz: Any) -> None:
-    rows = [
-        [
+TABLE_SAMPLE = 1000  # rows that set the column widths; the rest stream with those widths
+
+
+def _write_table_findings(found: Iterator[StoredFinding], tz: Any) -> None:
+    """A table that streams: a million findings print without being held in memory."""
+    header = ["ID", "RULE", "STATUS", "SEV", "SUBJECT", "FIRST SEEN", "N", "PUPIL"]
+
+    def row(f: StoredFinding) -> list[str]:
+        return [
             str(f.id),
             f.rule,
             f.status.value,
@@ -540,10 +547,17 @@ def _write_table_findings(found: list[StoredFinding], tz: Any) -> None:
             str(f.occurrences),
             "yes" if f.pupil_involved else "",
         ]
-        for f in found
-    ]
-    _out(_table(rows, ["ID", "RULE", "STATUS", "SEV", "SUBJECT", "FIRST SEEN", "N", "PUPIL"]))
-    _out(f"{len(found)} finding{'s' if len(found) != 1 else ''}")
+
+    first = [row(f) for f in itertools.islice(found, TABLE_SAMPLE)]
+    widths = [max(len(h), *(len(r[i]) for r in first)) if first else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    write = sys.stdout.write
+    write(fmt.format(*header).rstrip() + "\n" + fmt.format(*("-" * w for w in widths)).rstrip() + "\n")
+    count = 0
+    for r in itertools.chain(first, (row(f) for f in found)):
+        write(fmt.format(*r).rstrip() + "\n")
+        count += 1
+    _out(f"{count} finding{'s' if count != 1 else ''}")
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
