@@ -18,9 +18,11 @@ see `auditd.sources.oauth`), and never appear in an error.
 
 from __future__ import annotations
 
+import email.message
+import email.parser
+import email.policy
 import imaplib
 import itertools
-import os
 import queue
 import re
 import ssl
@@ -39,7 +41,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from auditd.config import ImapSource, read_secret
 from auditd.errors import SourceError
 from auditd.model import ForwardingRule, MailMessage
-from auditd.sources.mailfile import MailStats, parse_message
+from auditd.sources.mailfile import MailStats, from_email
 from auditd.sources.oauth import ClientCredentials, imap_credentials
 
 TEXT_TYPES = frozenset({"plain", "html"})
@@ -258,44 +260,53 @@ def _header_block(headers: bytes) -> list[bytes]:
     return kept
 
 
-# Unguessable, so a message cannot fake our part boundaries; fixed for the process, so the email
-# package's compiled boundary patterns are reused instead of compiled anew for every message.
-_BOUNDARY = "=_auditd_" + os.urandom(12).hex()
-
-
-def rebuild(headers: bytes, tree: Part, contents: Mapping[str, bytes]) -> bytes:
+def rebuild(headers: bytes, tree: Part, contents: Mapping[str, bytes]) -> email.message.Message:
     """A stand-in for the whole message: its headers, its MIME tree with the fetched text parts in
     place (as the server holds them, perhaps cut short) and every other part empty.
 
-    Parsed by `mailfile.parse_message`, so mail read over IMAP is decoded by the very code that
-    decodes mail read from files, alternatives, forwarded messages and all.
+    Built as the email package's own objects, exactly as its parser would leave them, and read by
+    `mailfile.from_email`: mail read over IMAP is decoded by the very code that decodes mail read
+    from files, alternatives, forwarded messages and all, without parsing every text part again.
     """
-    count = 0
+    top = _HEADERS.parsebytes(b"".join(_header_block(headers)) + b"\r\n", headersonly=True)
+    top["MIME-Version"] = "1.0"
+    _fill(top, tree, contents)
+    return top
 
-    def entity(part: Part) -> list[bytes]:
-        nonlocal count
-        disposition = f"Content-Disposition: {part.disposition}\r\n" if part.disposition else ""
-        if part.maintype == "multipart":
-            count += 1
-            boundary = f"{_BOUNDARY}_{count}"
-            out = [f'Content-Type: multipart/{part.subtype}; boundary="{boundary}"\r\n\r\n'.encode()]
-            for child in part.children:
-                out += [f"--{boundary}\r\n".encode(), *entity(child), b"\r\n"]
-            out.append(f"--{boundary}--\r\n".encode())
-            return out
-        if part.maintype == "message" and part.children:
-            nested = _header_block(contents.get(f"{part.section}.HEADER", b""))
-            head = f"Content-Type: message/{part.subtype}\r\n{disposition}\r\n".encode()
-            return [head, *nested, b"MIME-Version: 1.0\r\n", *entity(part.children[0])]
-        charset = f'; charset="{part.charset}"' if part.charset and part.maintype == "text" else ""
-        body = contents.get(part.section, b"") if part.fetch else b""
-        if part.fetch and part.encoding == "base64":
+
+_HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
+
+
+def _fill(msg: email.message.Message, part: Part, contents: Mapping[str, bytes]) -> None:
+    """Give `msg` the type and content of `part` (and its children) as the parser would."""
+    if part.disposition:
+        msg["Content-Disposition"] = part.disposition
+    if part.maintype == "multipart":
+        msg["Content-Type"] = f"multipart/{part.subtype}"
+        children: list[email.message.Message | str] = []
+        for child in part.children:
+            sub = email.message.Message()
+            _fill(sub, child, contents)
+            children.append(sub)
+        msg.set_payload(children)
+        return
+    if part.maintype == "message" and part.children:
+        msg["Content-Type"] = f"message/{part.subtype}"
+        head = b"".join(_header_block(contents.get(f"{part.section}.HEADER", b"")))
+        nested = _HEADERS.parsebytes(head + b"\r\n", headersonly=True)
+        nested["MIME-Version"] = "1.0"
+        _fill(nested, part.children[0], contents)
+        msg.set_payload([nested])
+        return
+    charset = f'; charset="{part.charset}"' if part.charset and part.maintype == "text" else ""
+    msg["Content-Type"] = f"{part.maintype}/{part.subtype}{charset}"
+    body = contents.get(part.section, b"") if part.fetch else b""
+    if part.fetch and part.encoding:
+        msg["Content-Transfer-Encoding"] = part.encoding
+        if part.encoding == "base64":
             body = _unbase64_safe(body)
-        encoding = f"Content-Transfer-Encoding: {part.encoding}\r\n" if part.fetch and part.encoding else ""
-        fields = f"Content-Type: {part.maintype}/{part.subtype}{charset}\r\n{encoding}{disposition}\r\n"
-        return [fields.encode(), body]
-
-    return b"".join([*_header_block(headers), b"MIME-Version: 1.0\r\n", *entity(tree)])
+    # as BytesParser keeps a body: ASCII, with other bytes as surrogates
+    msg.set_payload(body.decode("ascii", "surrogateescape"))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -635,8 +646,8 @@ def _parse(fetched: _Fetched, src: ImapSource, folder: str, stats: MailStats) ->
         stats.problem(f"{location}: {fetched.problem}")
         return None
     try:
-        raw = rebuild(fetched.header, fetched.tree, fetched.contents)
-        return parse_message(raw, source=src.name, location=location)
+        tree = rebuild(fetched.header, fetched.tree, fetched.contents)
+        return from_email(tree, source=src.name, location=location)
     except Exception as exc:  # one bad message is counted, never fatal to the folder
         stats.problem(f"{location}: {type(exc).__name__}: {exc}")
         return None

@@ -284,7 +284,11 @@ _READ_HEADERS = frozenset(("from", "message-id", "to", "cc", "reply-to", "subjec
 
 def parse_message(raw: bytes, *, source: str, location: str) -> MailMessage:
     """Parse one RFC 5322 message. Malformed MIME is parsed as far as it goes; defects are counted."""
-    msg = email.message_from_bytes(raw)
+    return from_email(email.message_from_bytes(raw), source=source, location=location)
+
+
+def from_email(msg: email.message.Message, *, source: str, location: str) -> MailMessage:
+    """A MailMessage from a parsed message (compat32), as `parse_message` makes and IMAP builds."""
     defects = len(msg.defects) + sum(len(p.defects) for p in msg.walk() if p is not msg)
     # one pass over the header block; each value decoded once, and only the ones used
     found: dict[str, list[str]] = {}
