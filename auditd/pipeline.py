@@ -6,28 +6,26 @@ failure is recorded as its health without stopping the others.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import glob
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
-from auditd.config import Config, FileNetSource, LiveNetSource, MailSourceConfig
+from auditd.config import Config, MailSourceConfig
 from auditd.directory import People, load_devices, load_directory
-from auditd.errors import AuditError, InputError, SourceError
+from auditd.errors import AuditError, InputError
 from auditd.model import Finding, MailMessage, NetObservation
 from auditd.policy import Classifier, Policy, load_policy
 from auditd.rules.mail import MailRules
 from auditd.rules.net import RoomIndex, Thresholds, streaming_in_class
-from auditd.sources.base import mail_source
-from auditd.sources.live import completed, spool_dir
+from auditd.sources.base import NetBatch, NetSource, mail_source
 from auditd.sources.mailfile import MailStats
-from auditd.sources.netlogs import LogStats, Resume, checkpoint_for, detect_log, read_log, resume_point
-from auditd.sources.pcap import CaptureStats, is_capture, read_capture
-from auditd.store import CLAIM_LEASE, Store, file_identity, finished_log, reader_id
+from auditd.sources.netfiles import classify as classify  # the CLI and tests classify with the scan's rules
+from auditd.sources.netfiles import connection as connection
+from auditd.sources.netfiles import given_files, net_source
+from auditd.sources.netfiles import matches_only as matches_only
+from auditd.store import Store, reader_id
 
 BATCH = 500
 
@@ -188,231 +186,62 @@ def _scan_mail_source(ctx: Context, src: MailSourceConfig, report: SourceReport,
             _record(ctx, ctx.mail_rules().forwarding(rules, now=now), report, now)
 
 
-def _unavailable(kind: str, report: SourceReport) -> None:
-    raise SourceError(f"the {kind} backend is not in this version of choysez-auditd yet")
-
-
 # ---- network ----------------------------------------------------------------------------------
 
 
-def connection(flow: str | None) -> str | None:
-    """A capture flow's connection ("tcp client:port server:port"), the same in every file."""
-    return flow.rpartition(" ")[0] or None if flow else None
-
-
-def classify(
-    observations: Iterable[NetObservation],
-    classifier: Classifier,
-    named: dict[str, tuple[str, str]] | None = None,
-) -> Iterator[NetObservation]:
-    """Fill in service and category from the lists; names the lists do not know stay null.
-
-    A nameless flow (`via="ip"`) is a connection whose name was seen earlier (a capture file
-    rotated mid-connection) when `named` maps its connection to (host, via); else it is kept only
-    when its server is in a published address range, and then reads as `via="ip-range"`.
-    Named flows are added to `named` as they pass.
-    """
-    lookup = functools.lru_cache(maxsize=1 << 16)(classifier.classify)  # logs repeat names a lot
-    table = named if named is not None else {}
-    for o in observations:
-        conn = connection(o.flow) if named is not None and o.via != "dns" else None
-        if conn is not None and o.via == "ip" and conn in table:
-            host, via = table[conn]
-            o = dataclasses.replace(o, host=host, via=via)
-        elif conn is not None and o.via != "ip":
-            table[conn] = (o.host, o.via)
-        if o.via == "ip":
-            by_range = classifier.classify_address(o.server)
-            if by_range is not None and by_range.service is not None:
-                yield dataclasses.replace(
-                    o, host=o.server, via="ip-range", service=by_range.service, category=by_range.category
-                )
-            continue
-        hit = lookup(o.host)
-        if hit is not None and hit.service is not None:
-            yield dataclasses.replace(o, service=hit.service, category=hit.category)
-        else:
-            yield o
-
-
-def matches_only(classifier: Classifier) -> Callable[[str], bool]:
-    """A name filter for log readers: True for names a list gives a service, each looked up once."""
-
-    @functools.lru_cache(maxsize=1 << 16)
-    def keep(host: str) -> bool:
-        hit = classifier.classify(host)
-        return hit is not None and hit.service is not None
-
-    return keep
-
-
-def _capture_files(pattern: str) -> list[Path]:
-    p = Path(pattern)
-    if p.is_dir():
-        return sorted(f for f in p.iterdir() if f.is_file())
-    return [Path(x) for x in sorted(glob.glob(pattern)) if Path(x).is_file()]
-
-
-def _file_state(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_dev}-{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _scan_captures(
-    ctx: Context, name: str, files: list[Path], report: SourceReport, now: datetime, incremental: bool
-) -> None:
-    classifier = ctx.classifier()
-    matched: list[NetObservation] = []
-    done: list[tuple[str, str]] = []
-    # Connections named in earlier files or scans: a rotated capture continues them without a handshake.
-    named = {
-        conn: (o.host, o.via)
-        for o in ctx.store.recent_observations(name, since=datetime.min.replace(tzinfo=UTC))
-        if (conn := connection(o.flow)) is not None and o.via != "dns"
-    }
-    for f in files:
-        state = _file_state(f)
-        key = f"file:{f.resolve()}"
-        if incremental and ctx.store.get_checkpoint(name, key) == state:
-            continue
-        stats = CaptureStats()
-        for o in classify(read_capture(f, source=name, stats=stats), classifier, named):
-            report.items += 1
-            if o.service is not None:
-                matched.append(o)
-        report.skipped += stats.skipped
-        if stats.first_skipped and report.first_problem is None:
-            report.first_problem = f"{f}: {stats.first_skipped}"
-        done.append((key, state))
-    _evaluate_net(ctx, name, matched, done, report, now)
-
-
-# Following a log: each run re-reads the last LOG_CONTEXT of what matched before (from the
-# checkpoint's window offset), so that a session or a flow that straddles two runs is evaluated
-# whole: Zeek's conn.log and Suricata's flow events are written when a connection ends, long after
-# the name was logged, and a session needs all its observations. Findings are de-duplicated by
-# fingerprint, so what the window shows again adds nothing; only lines after the checkpoint count
-# as read or skipped. A session or flow longer than the window is seen only in part.
-LOG_CONTEXT = timedelta(hours=2)
 SESSION_CONTEXT = timedelta(hours=2)  # how far back a new observation may join an earlier session
-LOG_TYPES = frozenset(("zeek", "suricata", "squid", "dnsmasq", "bind"))
 
 
-def _line_start(path: Path, end: int) -> int:
-    """The offset of the start of the line that ends at `end` (just after its newline)."""
-    pos = max(end - 1, 0)
-    with path.open("rb") as fh:
-        while pos > 0:
-            step = min(pos, 64 * 1024)
-            fh.seek(pos - step)
-            chunk = fh.read(step)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                return pos - step + nl + 1
-            pos -= step
-    return 0
+def scan_net(
+    ctx: Context, *, now: datetime, only: str | None = None, paths: list[Path] | None = None
+) -> list[SourceReport]:
+    """One pass over each enabled network source (or over files given on the command line)."""
+    tz = ctx.config.organisation.tz
+    runs: list[tuple[str, list[NetSource]]]
+    if paths:
+        name = only or "files"
+        runs = [(name, given_files(name, paths, tz=tz))]
+    else:
+        sources = [s for s in ctx.config.network.sources if s.enabled and (only is None or s.name == only)]
+        if only is not None and not sources:
+            raise InputError(f"no enabled network source named {only!r}", where=str(ctx.config.path))
+        base, store_path = ctx.config.base, ctx.config.store.path
+        runs = [(s.name, [net_source(s, base, store_path=store_path, tz=tz)]) for s in sources]
+    return [
+        _run(ctx, name, "net", now, partial(_scan_net, ctx, backends, now=now)) for name, backends in runs
+    ]
 
 
-def _read_log_part(
-    ctx: Context,
-    name: str,
-    path: Path,
-    kind: str,
-    *,
-    start: int,
-    new_from: int,
-    hold_partial: bool,
-    keep: Callable[[str], bool],
-    matched: list[NetObservation],
-    report: SourceReport,
-    now: datetime,
-) -> tuple[int, int]:
-    """Read `path` from `start`, keeping matched observations; (end offset, next window start)."""
-    stats = LogStats(count_from=new_from)
-    marks: list[tuple[datetime, int]] = []
-    found = read_log(
-        path,
-        kind,
-        source=name,
-        stats=stats,
-        offset=start,
-        tz=ctx.config.organisation.tz,
-        keep=keep,
-        hold_partial=hold_partial,
-    )
-    for o in classify((o for o, _ in _marked(found, marks)), ctx.classifier()):
-        if o.service is not None:
-            matched.append(o)
-    report.items += stats.lines
-    report.skipped += stats.skipped
-    if stats.first_skipped and report.first_problem is None:
-        report.first_problem = f"{path}: {stats.first_skipped}"
-    end = stats.end
-    if not marks:
-        return end, end
-    cutoff = max(max(ts for ts, _ in marks), now) - LOG_CONTEXT
-    after = [e for ts, e in marks if ts >= cutoff]
-    return end, (_line_start(path, min(after)) if after else end)
+def _scan_net(ctx: Context, backends: list[NetSource], report: SourceReport, now: datetime) -> None:
+    """Read each backend, committing what it found before the next one reads."""
+    classifier = ctx.classifier()
+    for source in backends:
+        commit_net(ctx, source.name, source.read(ctx.store, classifier, now), report, now)
 
 
-def _marked(
-    found: Iterable[tuple[NetObservation, int]], marks: list[tuple[datetime, int]]
-) -> Iterator[tuple[NetObservation, int]]:
-    for o, end in found:
-        marks.append((o.last_seen or o.ts, end))
-        yield o, end
+def commit_net(ctx: Context, name: str, batch: NetBatch, report: SourceReport, now: datetime) -> None:
+    """Count a network source's batch, commit it with its findings, then delete the files it spent."""
+    report.items += batch.items
+    report.skipped += batch.skipped
+    if report.first_problem is None:
+        report.first_problem = batch.first_problem
+    if batch.files:
+        _evaluate_net(ctx, name, batch, report, now)
+    if batch.spent:
+        # Only after the commit, else a failed commit loses them; one a crash leaves after the
+        # commit is skipped by its checkpoint next time, and deleted then.
+        with ctx.store.transaction():
+            for _, key in batch.spent:
+                ctx.store.forget_checkpoint(name, key)
+        for f, _ in batch.spent:
+            f.unlink(missing_ok=True)
 
 
-def _scan_logs(
-    ctx: Context,
-    name: str,
-    files: list[tuple[Path, str]],
-    report: SourceReport,
-    now: datetime,
-    incremental: bool,
-) -> None:
-    """Like `_scan_captures`, for network logs: each file from its checkpoint (see LOG_CONTEXT)."""
-    keep = matches_only(ctx.classifier())
-    matched: list[NetObservation] = []
-    done: list[tuple[str, str]] = []
-    claimed: list[str] = []  # finished files of a folder other daemons may read too: each is read once
-    for f, kind in files:
-        key = f"log:{f.resolve()}"
-        resume = resume_point(f, ctx.store.get_checkpoint(name, key)) if incremental else Resume()
-        if resume.done:
-            continue
-        if incremental and finished_log(f):
-            identity = file_identity(f)
-            owner = reader_id(ctx.store.site)
-            if not ctx.store.claim_file(
-                identity, source=name, path=str(f), owner=owner, now=now, lease=CLAIM_LEASE
-            ):
-                continue
-            claimed.append(identity)
-        part = partial(_read_log_part, ctx, name, keep=keep, matched=matched, report=report, now=now)
-        if resume.rotated is not None:
-            part(
-                resume.rotated,
-                kind,
-                start=resume.rotated_context,
-                new_from=resume.rotated_offset,
-                hold_partial=False,
-            )
-        end, window = part(f, kind, start=resume.context, new_from=resume.offset, hold_partial=incremental)
-        done.append((key, checkpoint_for(f, end, window)))
-    _evaluate_net(ctx, name, matched, done, report, now, claimed)
-
-
-def _evaluate_net(
-    ctx: Context,
-    name: str,
-    matched: list[NetObservation],
-    done: list[tuple[str, str]],
-    report: SourceReport,
-    now: datetime,
-    claimed: Sequence[str] = (),
-) -> None:
+def _evaluate_net(ctx: Context, name: str, batch: NetBatch, report: SourceReport, now: datetime) -> None:
+    """Judge a batch's observations with those just before it, and commit the findings with the
+    batch's checkpoints and claims in one transaction."""
     cfg = ctx.config
+    matched = batch.observations
     everything = matched
     if matched:
         # Sessions are judged with what earlier scans of this source saw just before (a capture
@@ -433,9 +262,9 @@ def _evaluate_net(
     )
     with ctx.store.transaction():
         _record(ctx, findings, report, now)
-        for key, state in done:
+        for key, state in batch.checkpoints:
             ctx.store.set_checkpoint(name, key, state, now)
-        for identity in claimed:
+        for identity in batch.claimed:
             ctx.store.finish_file(identity, owner=reader_id(ctx.store.site), now=now)
         if matched:
             ctx.store.remember_observations(name, matched)
@@ -444,72 +273,3 @@ def _evaluate_net(
 
 def _observation_key(o: NetObservation) -> tuple[str, str, str, str, datetime, str]:
     return (o.client, o.server, o.host, o.via, o.ts, o.flow or "")
-
-
-def _scan_paths(
-    ctx: Context, name: str, kinds: list[tuple[Path, str | None]], report: SourceReport, now: datetime
-) -> None:
-    """Files given on the command line: network logs by what they hold, everything else as a capture
-    (whose reader says what is wrong with a file that is neither)."""
-    captures = [p for p, k in kinds if k is None]
-    logs = [(p, k) for p, k in kinds if k is not None]
-    if captures:
-        _scan_captures(ctx, name, captures, report, now, incremental=False)
-    if logs:
-        _scan_logs(ctx, name, logs, report, now, incremental=False)
-
-
-def _log_files(pattern: str, kind: str) -> list[tuple[Path, str]]:
-    """The files of a log source that are logs of its type (a Zeek folder also holds other files)."""
-    return [(f, kind) for f in _capture_files(pattern) if detect_log(f) == kind]
-
-
-def scan_net(
-    ctx: Context, *, now: datetime, only: str | None = None, paths: list[Path] | None = None
-) -> list[SourceReport]:
-    if paths:
-        name = only or "files"
-        kinds = [(p, None if is_capture(p) else detect_log(p)) for p in paths]
-        return [_run(ctx, name, "net", now, partial(_scan_paths, ctx, name, kinds, now=now))]
-    sources = [s for s in ctx.config.network.sources if s.enabled and (only is None or s.name == only)]
-    if only is not None and not sources:
-        raise InputError(f"no enabled network source named {only!r}", where=str(ctx.config.path))
-    reports = []
-    for src in sources:
-        if isinstance(src, FileNetSource) and src.type == "pcap":
-            pattern = src.resolved(ctx.config.base)
-
-            def body(r: SourceReport, s: FileNetSource = src, pattern: str = pattern) -> None:
-                files = _capture_files(pattern)
-                if not files:
-                    raise SourceError(f"no capture files match {pattern}")
-                _scan_captures(ctx, s.name, files, r, now, incremental=True)
-
-            reports.append(_run(ctx, src.name, "net", now, body))
-        elif isinstance(src, FileNetSource) and src.type in LOG_TYPES:
-            pattern = src.resolved(ctx.config.base)
-
-            def log_body(r: SourceReport, s: FileNetSource = src, pattern: str = pattern) -> None:
-                files = _log_files(pattern, s.type)
-                if not files:
-                    raise SourceError(f"no {s.type} logs match {pattern}")
-                _scan_logs(ctx, s.name, files, r, now, incremental=True)
-
-            reports.append(_run(ctx, src.name, "net", now, log_body))
-        elif isinstance(src, LiveNetSource):
-            reports.append(_run(ctx, src.name, "net", now, partial(_scan_spool, ctx, src, now=now)))
-        else:
-            reports.append(_run(ctx, src.name, "net", now, partial(_unavailable, src.type)))
-    return reports
-
-
-def _scan_spool(ctx: Context, src: LiveNetSource, report: SourceReport, now: datetime) -> None:
-    """Read the live source's completed capture files, then delete them: a spool, not an archive."""
-    files = completed(spool_dir(src, ctx.config.store.path))
-    if files:
-        _scan_captures(ctx, src.name, files, report, now, incremental=True)
-    with ctx.store.transaction():
-        for f in files:
-            ctx.store.forget_checkpoint(src.name, f"file:{f.resolve()}")
-    for f in files:
-        f.unlink(missing_ok=True)

@@ -10,7 +10,8 @@
   record would send it again: the Message-ID is the same for every attempt, so mail systems and
   people can tell the copy.
 
-The functions that decide take `now` as an argument; only `SmtpSettings.send` and the store do I/O.
+The functions that decide take `now` as an argument; only the sinks (`SmtpSettings`, `FileSink`)
+and the store do I/O.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from auditd.config import Config, People, _is_loopback, read_secret
@@ -239,7 +241,7 @@ class SmtpSettings:
         starttls = d.starttls if d.starttls is not None else not _is_loopback(d.smtp_host)
         return cls(d.smtp_host, d.smtp_port, starttls, d.username, password, d.ca_file)
 
-    def send(self, msg: EmailMessage) -> None:
+    def deliver(self, msg: EmailMessage) -> None:
         """Hand one message to the server; every failure is a DeliveryError naming the server."""
         where = f"smtp://{self.host}:{self.port}"
         if self.username and not self.starttls and not _is_loopback(self.host):
@@ -259,8 +261,40 @@ class SmtpSettings:
         except (OSError, ssl.SSLError) as exc:
             raise DeliveryError(f"cannot deliver: {exc.strerror or exc}", where=where) from exc
 
+    send = deliver  # what callers pass as a `Send`
 
-Send = Callable[[EmailMessage], None]
+
+Send = Callable[[EmailMessage], None]  # a sink's `deliver`, as the delivery loop takes it
+
+
+class Sink(Protocol):
+    """Where a digest goes: the SMTP server (`SmtpSettings`) or a file (`FileSink`)."""
+
+    def deliver(self, msg: EmailMessage) -> None:
+        """Deliver one message whole, or raise DeliveryError naming where; never half-deliver silently."""
+        ...
+
+
+@dataclass(frozen=True)
+class FileSink:
+    """A file that receives a digest: its plain-text or HTML body, or the whole message as `.eml`."""
+
+    path: Path
+    form: Literal["text", "html", "eml"] = "eml"
+
+    def deliver(self, msg: EmailMessage) -> None:
+        if self.form == "eml":
+            data = msg.as_bytes()
+        else:
+            part = msg.get_body(preferencelist=("plain",) if self.form == "text" else ("html",))
+            if not isinstance(part, EmailMessage):
+                raise DeliveryError(f"the message has no {self.form} part", where=str(self.path))
+            data = str(part.get_content()).encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(data)
+        except OSError as exc:
+            raise DeliveryError(f"cannot write: {exc.strerror or exc}", where=str(self.path)) from exc
 
 
 @dataclass(frozen=True)
