@@ -82,9 +82,6 @@ class People:
             community_by_name=community_names,
         )
 
-    def is_staff_address(self, email: str) -> bool:
-        return email in self.by_official or email in self.by_personal
-
     @property
     def pupil_names(self) -> tuple[str, ...]:
         names = {c.name for c in self.community if c.relationship == "pupil"}

@@ -42,8 +42,6 @@ from auditd.model import (
 if TYPE_CHECKING:
     from auditd.config import Config
 
-SUBJECT_PARTS = ("staff", "address", "room", "device", "service")
-
 # Each entry moves the schema from version i to i + 1. Append; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
     """

@@ -35,9 +35,6 @@ class Role(StrEnum):
     VIEWER = "viewer"
 
 
-ROLES = tuple(r.value for r in Role)
-
-
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
     """`scrypt$N$r$p$salt$hash`, both base64: the parameters travel with the hash, so they can rise."""
     salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)

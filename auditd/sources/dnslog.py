@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 
 from auditd.model import NetObservation
-from auditd.sources.logio import Keep, LogStats, kept, open_log, start_of, where
+from auditd.sources.logio import Keep, LogStats, kept, lines, open_log, start_of, where
 
 _MONTHS = {
     m: i
@@ -121,17 +121,8 @@ def read_dnslog(
     clock = Clock(tz, mtime)
     line_re, query_re = (DNSMASQ, _DNSMASQ_QUERY) if kind == "dnsmasq" else (BIND, _BIND_QUERY)
     memo: dict[str, bool] = {}
-    pos = start
     with open_log(path, start) as fh:
-        for n, raw in enumerate(fh, 1):
-            if hold_partial and not gz and not raw.endswith(b"\n"):
-                break
-            pos += len(raw)
-            stats.end = pos
-            if not raw.strip():
-                continue
-            if pos > stats.count_from:
-                stats.lines += 1
+        for n, raw, pos in lines(fh, start, stats, hold_partial=hold_partial, gz=gz):
             m = line_re.match(raw)
             if m is None:
                 if kind == "bind" and b" client " not in raw:

@@ -494,7 +494,7 @@ def _fetch_contents(
                     data = response.get(got, {})
                     for part in wanted[got]:
                         key = _items(part, tuning)[1]
-                        raw = data.get(f"BODY[{key}]<0>".encode()) or b""
+                        raw = _answer(data, key)
                         meter.bytes += len(raw)
                         contents[got][key] = raw
                 group, budget = [], 0
@@ -502,6 +502,13 @@ def _fetch_contents(
                 group.append(uid)
                 budget += cost
     return contents
+
+
+def _answer(data: Mapping[bytes, Any], section: str) -> bytes:
+    """What the server sent for `BODY.PEEK[section]<0.n>`: RFC 3501 keys the answer without PEEK
+    (`BODY[section]<0>`). Only the request says PEEK, and the request is what leaves flags alone."""
+    got = data.get(f"BODY[{section}]<0>".encode())
+    return got if isinstance(got, bytes) else b""
 
 
 @dataclass
@@ -533,7 +540,7 @@ def _download(client: Any, uids: Sequence[int], tuning: Tuning, meter: Meter) ->
         data = response.get(uid)
         if data is None:
             continue  # expunged since the search
-        header = data.get(b"BODY[HEADER]<0>") or b""
+        header = _answer(data, "HEADER")
         meter.bytes += len(header)
         size = data.get(b"RFC822.SIZE")
         meter.mailbox_bytes += size if isinstance(size, int) else 0

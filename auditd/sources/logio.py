@@ -81,6 +81,25 @@ def blocks(fh: BinaryIO, hold_partial: bool) -> Iterator[tuple[bytes, bool]]:
         yield data, True
 
 
+def lines(
+    fh: BinaryIO, start: int, stats: LogStats, *, hold_partial: bool, gz: bool
+) -> Iterator[tuple[int, bytes, int]]:
+    """The non-blank lines from `start` as (line number, line, offset just after it), keeping the
+    stats' bookkeeping: where the next read may resume, and which lines an earlier read counted.
+    An unterminated last line of a plain file is held back when `hold_partial` (still being written)."""
+    pos = start
+    for n, raw in enumerate(fh, 1):
+        if hold_partial and not gz and not raw.endswith(b"\n"):
+            return
+        pos += len(raw)
+        stats.end = pos
+        if not raw.strip():
+            continue
+        if pos > stats.count_from:
+            stats.lines += 1
+        yield n, raw, pos
+
+
 def head_lines(path: Path, limit: int = 30, max_bytes: int = 64 * 1024) -> list[bytes]:
     """The first non-blank lines of a file (gzip too), for sniffing its format; [] when unreadable."""
     try:

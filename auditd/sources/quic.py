@@ -39,7 +39,7 @@ def salt_for(version: int) -> bytes | None:
         return _SALT_V1
     if version == V2:
         return _SALT_V2
-    if 0xFF00001D <= version <= 0xFF000020:  # draft-29 to draft-32 share a salt
+    if DRAFT29 <= version <= 0xFF000020:  # draft-29 to draft-32 share a salt
         return _SALT_DRAFT29
     if 0xFF000017 <= version <= 0xFF00001C:
         return _SALT_DRAFT23

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from auditd.model import NetObservation
-from auditd.sources.logio import Keep, LogStats, kept, open_log, start_of, where
+from auditd.sources.logio import Keep, LogStats, kept, lines, open_log, start_of, where
 
 DNS_PORTS = frozenset((53, 853, 5353, 5355))
 NAMED = ("tls", "http", "quic")
@@ -85,17 +85,8 @@ def read_suricata(
     pending: dict[object, list[tuple[NetObservation, int]]] = {}
     seen: set[tuple[object, str]] = set()
     memo: dict[str, bool] = {}
-    pos = start
     with open_log(path, start) as fh:
-        for n, raw in enumerate(fh, 1):
-            if hold_partial and not gz and not raw.endswith(b"\n"):
-                break
-            pos += len(raw)
-            stats.end = pos
-            if not raw.strip():
-                continue
-            if pos > stats.count_from:
-                stats.lines += 1
+        for n, raw, pos in lines(fh, start, stats, hold_partial=hold_partial, gz=gz):
             try:
                 ev = json.loads(raw)
             except ValueError:

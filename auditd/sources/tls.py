@@ -97,8 +97,3 @@ def sni_from_records(stream: bytes) -> str | None:
     if not hs:
         return NEED_MORE if n < 5 and (n == 0 or stream[0] == 0x16) else ""
     return sni_from_handshake(bytes(hs))
-
-
-def looks_like_tls_client(first: bytes) -> bool:
-    """Whether a stream starts like a TLS handshake record carrying a ClientHello."""
-    return len(first) >= 1 and first[0] == 0x16 and (len(first) < 6 or (first[1] == 3 and first[5] == 1))

@@ -29,7 +29,6 @@ from auditd.model import NetObservation
 from auditd.sources.logio import Keep, LogStats, blocks, kept, open_log, start_of, strip_port, where
 
 NAME_FIELD = {"dns": "query", "ssl": "server_name", "http": "host", "quic": "server_name"}
-KNOWN = frozenset((*NAME_FIELD, "conn"))
 _PATH_IN_NAME = re.compile(r"(?<![A-Za-z])(dns|ssl|http|quic)(?![A-Za-z])")
 
 
