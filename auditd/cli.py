@@ -14,24 +14,24 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from auditd import __version__
-from auditd.config import Config, FileNetSource, config_path, load_config
-from auditd.digest.render import DigestData, render_html, render_text
-from auditd.directory import load_devices, load_directory
+from auditd.classifier import Classifier, classify, load_classifier, matches_only
 from auditd.errors import AuditError, InputError, PermissionDenied, UsageError
+from auditd.locations import config_path
 from auditd.model import Approval, JSONValue, NetObservation, Status, StoredFinding, Subject
-from auditd.pipeline import Context, SourceReport, classify, matches_only, scan_mail, scan_net
-from auditd.policy import RULE_IDS, Classifier, Policy, load_policy
 from auditd.progress import FileProgress
-from auditd.rules.mail import MailRules
 from auditd.sources import detect
-from auditd.sources.base import MailSource, mail_source
-from auditd.sources.mailfile import EmlFiles, MaildirFolder, MailStats, MboxFile
-from auditd.sources.netlogs import LogStats, read_log
-from auditd.sources.pcap import CaptureStats, read_capture
-from auditd.store import Store
+
+if TYPE_CHECKING:
+    from auditd.config import Config
+    from auditd.digest.render import DigestData
+    from auditd.pipeline import SourceReport
+    from auditd.policy import Policy
+    from auditd.rules.mail import MailRules
+    from auditd.sources.base import MailSource
+    from auditd.store import Store
 
 PROG = "choysez-auditd"
 SUBJECT_KEYS = ("staff", "address", "room", "device", "service")
@@ -77,10 +77,14 @@ def parse_when(text: str, tz: Any, *, end_of_day: bool = False) -> datetime:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    from auditd.config import config_path, load_config
+
     return load_config(config_path(args.config))
 
 
 def _store(config: Config) -> Store:
+    from auditd.store import Store
+
     return Store.connect(config)
 
 
@@ -152,6 +156,9 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from auditd.directory import load_devices, load_directory
+    from auditd.policy import load_policy
+
     config = _load(args)
     policy = load_policy(config.policy.dir)
     people = load_directory(config)
@@ -170,6 +177,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _probe_sources(config: Config) -> list[tuple[str, str | None]]:
+    from auditd.config import FileNetSource
+    from auditd.sources.base import mail_source
+
     results: list[tuple[str, str | None]] = []
     for src in config.mail.sources:
         problem: str | None = None
@@ -194,6 +204,8 @@ def _optional_config(args: argparse.Namespace) -> Config | None:
     path = config_path(args.config)
     if args.config is None and not path.exists():
         return None  # inspect works without a config: the bundled policy classifies names
+    from auditd.config import load_config
+
     return load_config(path)
 
 
@@ -213,10 +225,16 @@ def net_json(o: NetObservation) -> dict[str, JSONValue]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     config = _optional_config(args)
-    policy = load_policy(config.policy.dir if config else None)
-    cats = config.network.categories if config else None
-    classifier = policy.classifier(set(cats) if cats is not None else None)
-    rules = _mail_rules(config, policy) if config else None
+    rules: MailRules | None = None
+    if config is None:  # the bundled policy's classifier: validated once, then cached
+        classifier = load_classifier(None)
+    else:
+        from auditd.policy import load_policy
+
+        policy = load_policy(config.policy.dir)
+        cats = config.network.categories
+        classifier = policy.classifier(set(cats) if cats is not None else None)
+        rules = _mail_rules(config, policy)
     now = now_utc()
     emit = _emitter(args.format)
     # A bar on the terminal while a large file is read, when the lines themselves go elsewhere.
@@ -240,6 +258,8 @@ def _inspect_path(
     now: datetime,
 ) -> None:
     if kind == "capture":
+        from auditd.sources.pcap import CaptureStats, read_capture
+
         stats = CaptureStats()
         for o in classify(read_capture(path, source=str(path), stats=stats), classifier):
             if args.only_matches and o.service is None:
@@ -255,6 +275,8 @@ def _inspect_path(
     elif kind.startswith("log:"):
         _inspect_log(path, kind[4:], classifier, emit, args.only_matches, config, args.format)
     else:
+        from auditd.sources.mailfile import EmlFiles, MaildirFolder, MailStats, MboxFile
+
         mstats = MailStats()
         reader: MailSource = (
             MaildirFolder(str(path), path)
@@ -313,6 +335,8 @@ def _inspect_log(
     """
     from functools import lru_cache
     from json.encoder import encode_basestring as quote  # what json.dumps(ensure_ascii=False) uses
+
+    from auditd.sources.netlogs import LogStats, read_log
 
     stats = LogStats()
     keep = matches_only(classifier) if only_matches else None
@@ -404,6 +428,9 @@ def _emitter(fmt: str) -> Callable[[dict[str, JSONValue]], None]:
 
 
 def _mail_rules(config: Config, policy: Policy) -> MailRules:
+    from auditd.directory import load_directory
+    from auditd.rules.mail import MailRules
+
     return MailRules(
         load_directory(config), policy, config.organisation.is_official, config.mail.business_threshold
     )
@@ -423,6 +450,8 @@ def _print_reports(reports: list[SourceReport]) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from auditd.pipeline import Context, scan_mail, scan_net
+
     config = _load(args)
     with _store(config) as store:
         ctx = Context.load(config, store)
@@ -438,6 +467,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_findings(args: argparse.Namespace) -> int:
+    from auditd.policy import RULE_IDS
+
     config = _load(args)
     tz = config.organisation.tz
     with _store(config) as store:
@@ -561,6 +592,8 @@ def _write_table_findings(found: Iterator[StoredFinding], tz: Any) -> None:
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
+    from auditd.policy import RULE_IDS
+
     config = _load(args)
     tz = config.organisation.tz
     with _store(config) as store:
@@ -648,7 +681,9 @@ def build_digest(config: Config, store: Store, policy: Policy, day: date, now: d
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
+    from auditd.digest.render import render_html, render_text
     from auditd.digest.send import SmtpSettings, current_day, deliver_day, latest_due_day
+    from auditd.policy import load_policy
 
     config = _load(args)
     policy = load_policy(config.policy.dir)
@@ -688,6 +723,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from auditd.config import config_path
     from auditd.daemon import run_daemon
 
     return run_daemon(config_path(args.config), digest_now=args.digest_now)

@@ -18,11 +18,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from auditd.errors import ConfigError
+from auditd.locations import DEFAULT_CONFIG as DEFAULT_CONFIG
+from auditd.locations import ENV_CONFIG as ENV_CONFIG
+from auditd.locations import config_path as config_path
 from auditd.tomlmodel import Strict
 
-DEFAULT_CONFIG = Path("/etc/choysez-auditd/config.toml")
 DEFAULT_STORE = Path("/var/lib/choysez-auditd/auditd.db")
-ENV_CONFIG = "CHOYSEZ_AUDITD_CONFIG"
 
 EMAIL_RE = re.compile(r"^[^@\s<>(),;:\"\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -518,13 +519,6 @@ def read_secret(name: Path, config_dir: Path, key: str) -> str:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read secret for {key}: {exc.strerror}", where=str(path)) from None
-
-
-def config_path(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get(ENV_CONFIG)
-    return Path(env) if env else DEFAULT_CONFIG
 
 
 def load_config(path: Path) -> Config:

@@ -12,19 +12,20 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+from auditd.classifier import Classifier
+from auditd.classifier import classify as classify  # the CLI and tests classify with the scan's rules
+from auditd.classifier import connection as connection
+from auditd.classifier import matches_only as matches_only
 from auditd.config import Config, MailSourceConfig
 from auditd.directory import People, load_devices, load_directory
 from auditd.errors import AuditError, InputError
 from auditd.model import Finding, MailMessage, NetObservation
-from auditd.policy import Classifier, Policy, load_policy
+from auditd.policy import Policy, load_policy
 from auditd.rules.mail import MailRules
 from auditd.rules.net import RoomIndex, Thresholds, streaming_in_class
 from auditd.sources.base import NetBatch, NetSource, mail_source
 from auditd.sources.mailfile import MailStats
-from auditd.sources.netfiles import classify as classify  # the CLI and tests classify with the scan's rules
-from auditd.sources.netfiles import connection as connection
 from auditd.sources.netfiles import given_files, net_source
-from auditd.sources.netfiles import matches_only as matches_only
 from auditd.store import Store, reader_id
 
 BATCH = 500

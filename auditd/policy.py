@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from auditd.classifier import Classification
+from auditd.classifier import Classifier as Classifier  # where it lived before
+from auditd.classifier import default_policy_dir as default_policy_dir
 from auditd.errors import ConfigError
 from auditd.model import Severity
 from auditd.tomlmodel import Strict, load_toml
@@ -202,55 +205,6 @@ class ProvidersFile(Strict):
 # ---- the classifier -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Classification:
-    """What a name is: a service and category, or explicitly not viewing (service None)."""
-
-    service: str | None
-    category: str | None
-    matched: str
-    source: str
-    why: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Classifier:
-    """Matches names on label boundaries; the longest listed name wins.
-
-    `notnetflix.com` never matches `netflix.com`, and `sky.com.example` never matches `sky.com`.
-    """
-
-    exact: dict[str, Classification]
-    suffix: dict[str, Classification]
-    networks: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Classification], ...]
-
-    def classify(self, host: str) -> Classification | None:
-        name = host.strip().lower().rstrip(".")
-        if not name:
-            return None
-        hit = self.exact.get(name)
-        if hit is not None:
-            return hit
-        while True:
-            hit = self.suffix.get(name)
-            if hit is not None:
-                return hit
-            dot = name.find(".")
-            if dot < 0:
-                return None
-            name = name[dot + 1 :]
-
-    def classify_address(self, address: str) -> Classification | None:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return None
-        for net, hit in self.networks:
-            if ip.version == net.version and ip in net:
-                return hit
-        return None
-
-
 def build_classifier(streaming: StreamingFile, enabled_categories: set[str]) -> Classifier:
     exact: dict[str, Classification] = {}
     suffix: dict[str, Classification] = {}
@@ -298,15 +252,6 @@ class Policy:
                 return True
             domain = domain.partition(".")[2]
         return False
-
-
-def default_policy_dir() -> Path:
-    """The repository's `policies/` when running from a checkout, else the copy in the wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "policies", here / "_policies"):
-        if (candidate / "rules.toml").is_file():
-            return candidate
-    raise ConfigError("no policies folder found; set [policy] dir in the config")
 
 
 def load_policy(folder: Path | None = None) -> Policy:

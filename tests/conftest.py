@@ -19,6 +19,20 @@ COMMAND = Path(sys.executable).parent / "choysez-auditd"
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests' own cache folder (the classifier cache), never the developer's ~/.cache."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def corpus_path(*parts: str) -> Path:
     """A file of the shared corpus, or skip: a user's clone has no ../shared beside it."""
     path = CORPUS.joinpath(*parts)

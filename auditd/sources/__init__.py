@@ -12,13 +12,14 @@ def detect(path: Path) -> str:
 
     Decided by content (magic bytes, a Maildir's folders), not by the file name alone.
     """
-    from auditd.sources.mailfile import is_maildir, is_mbox
-    from auditd.sources.netlogs import detect_log
+    from auditd.sources.netlogs import detect_log  # imported here, each when needed: start-up time
     from auditd.sources.pcap import is_capture
 
     if not path.exists():
         raise InputError("no such file or folder", where=str(path))
     if path.is_dir():
+        from auditd.sources.mailfile import is_maildir
+
         if is_maildir(path):
             return "maildir"
         raise InputError("a folder that is not a Maildir (no cur/ or new/)", where=str(path))
@@ -27,6 +28,8 @@ def detect(path: Path) -> str:
     log = detect_log(path)
     if log is not None:
         return f"log:{log}"
+    from auditd.sources.mailfile import is_mbox
+
     if is_mbox(path):
         return "mbox"
     if _looks_like_message(path):

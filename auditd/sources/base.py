@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from auditd.classifier import Classifier
 from auditd.config import (
     EwsSource,
     FileMailSource,
@@ -23,7 +24,6 @@ from auditd.config import (
     MailSourceConfig,
 )
 from auditd.model import ForwardingRule, MailMessage, NetObservation
-from auditd.policy import Classifier
 from auditd.sources.mailfile import EmlFiles, MaildirFolder, MailStats, MboxFile
 from auditd.store import Store
 

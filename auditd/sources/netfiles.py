@@ -6,18 +6,16 @@ pipeline commits the batch with its findings in one transaction (`pipeline.commi
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import glob
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import partial
 from pathlib import Path
 
+from auditd.classifier import Classifier, classify, connection, matches_only
 from auditd.config import FileNetSource, LiveNetSource
 from auditd.errors import SourceError
 from auditd.model import NetObservation
-from auditd.policy import Classifier
 from auditd.sources.base import NetBatch, NetSource
 from auditd.sources.live import completed, spool_dir
 from auditd.sources.netlogs import LogStats, Resume, checkpoint_for, detect_log, read_log, resume_point
@@ -51,57 +49,6 @@ def given_files(name: str, paths: Sequence[Path], *, tz: tzinfo) -> list[NetSour
     if logs:
         sources.append(LogFiles(name, logs, tz=tz, incremental=False))
     return sources
-
-
-def connection(flow: str | None) -> str | None:
-    """A capture flow's connection ("tcp client:port server:port"), the same in every file."""
-    return flow.rpartition(" ")[0] or None if flow else None
-
-
-def classify(
-    observations: Iterable[NetObservation],
-    classifier: Classifier,
-    named: dict[str, tuple[str, str]] | None = None,
-) -> Iterator[NetObservation]:
-    """Fill in service and category from the lists; names the lists do not know stay null.
-
-    A nameless flow (`via="ip"`) is a connection whose name was seen earlier (a capture file
-    rotated mid-connection) when `named` maps its connection to (host, via); else it is kept only
-    when its server is in a published address range, and then reads as `via="ip-range"`.
-    Named flows are added to `named` as they pass.
-    """
-    lookup = functools.lru_cache(maxsize=1 << 16)(classifier.classify)  # logs repeat names a lot
-    table = named if named is not None else {}
-    for o in observations:
-        conn = connection(o.flow) if named is not None and o.via != "dns" else None
-        if conn is not None and o.via == "ip" and conn in table:
-            host, via = table[conn]
-            o = dataclasses.replace(o, host=host, via=via)
-        elif conn is not None and o.via != "ip":
-            table[conn] = (o.host, o.via)
-        if o.via == "ip":
-            by_range = classifier.classify_address(o.server)
-            if by_range is not None and by_range.service is not None:
-                yield dataclasses.replace(
-                    o, host=o.server, via="ip-range", service=by_range.service, category=by_range.category
-                )
-            continue
-        hit = lookup(o.host)
-        if hit is not None and hit.service is not None:
-            yield dataclasses.replace(o, service=hit.service, category=hit.category)
-        else:
-            yield o
-
-
-def matches_only(classifier: Classifier) -> Callable[[str], bool]:
-    """A name filter for log readers: True for names a list gives a service, each looked up once."""
-
-    @functools.lru_cache(maxsize=1 << 16)
-    def keep(host: str) -> bool:
-        hit = classifier.classify(host)
-        return hit is not None and hit.service is not None
-
-    return keep
 
 
 def matching_files(pattern: str) -> list[Path]:
