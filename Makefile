@@ -12,7 +12,16 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite uses (command to look for = package that provides it).
 DEBIAN_TEST_TOOLS := dovecot=dovecot-imapd chromium=chromium tcpdump=tcpdump systemd-analyze=systemd setpriv=util-linux pg_ctlcluster=postgresql
 
-.PHONY: demo test lint typecheck unit sysdeps venv clean lock
+# Compiled to C with mypyc (part of mypy) when a C compiler and Python's headers are present: the
+# capture reader's per-packet loop then runs about twice as fast. The .py file stays the source and
+# the fallback; an edit to it rebuilds the compiled module on the next `make demo` or `make test`
+# (and the test suite refuses to run against a compiled module older than its source).
+SPEEDUPS      := auditd/sources/pcap.py
+SPEEDUP_STAMP := $(VENV)/.speedups-stamp
+HAVE_CC       := $(BIN)/python -c 'import os, shutil, sys, sysconfig; \
+  sys.exit(not (shutil.which("cc") and os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")))'
+
+.PHONY: demo test lint typecheck unit sysdeps venv speedups clean lock
 
 venv: $(STAMP)
 
@@ -22,6 +31,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+speedups: $(SPEEDUP_STAMP)
+
+$(SPEEDUP_STAMP): $(STAMP) $(SPEEDUPS)
+	@rm -f $(foreach m,$(SPEEDUPS),$(basename $(m)).*.so $(basename $(m))__mypyc.*.so)
+	@rm -rf build/mypyc
+	@if $(HAVE_CC) 2>/dev/null; then \
+	  for m in $(SPEEDUPS); do \
+	    echo "compiling $$m with mypyc"; \
+	    mkdir -p build/mypyc/$$(dirname $$m); \
+	    (cd build/mypyc && ../../$(BIN)/mypyc $(CURDIR)/$$m >mypyc.log 2>&1) || \
+	      { tail -20 build/mypyc/mypyc.log; echo "mypyc failed on $$m (log: build/mypyc/mypyc.log)"; exit 1; }; \
+	  done; \
+	  (cd build/mypyc && find auditd -name '*.so' -exec cp --parents {} $(CURDIR) \;); \
+	else \
+	  echo "note: no C compiler or Python headers (apt-get install gcc python3-dev):" \
+	       "$(SPEEDUPS) runs as pure Python, about half as fast"; \
+	fi
+	@touch $@
 
 sysdeps:
 	@for pair in $(DEBIAN_TEST_TOOLS); do \
@@ -33,7 +61,7 @@ sysdeps:
 	  $(SUDO) $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) $(APT) install -y -qq $$missing; \
 	fi
 
-demo: $(STAMP)
+demo: $(STAMP) $(SPEEDUP_STAMP)
 	$(BIN)/choysez-auditd demo
 
 lint: $(STAMP)
@@ -43,7 +71,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict auditd
 
-unit: $(STAMP) sysdeps
+unit: $(STAMP) $(SPEEDUP_STAMP) sysdeps
 	$(BIN)/pytest
 
 test: lint typecheck unit
@@ -53,4 +81,5 @@ lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
 
 clean:
+	rm -rf build $(foreach m,$(SPEEDUPS),$(basename $(m)).*.so $(basename $(m))__mypyc.*.so)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache deploy/sample-school/auditd.db* deploy/sample-school/out

@@ -63,7 +63,13 @@ class Header:
 
 
 def _unescape(value: bytes) -> bytes:
-    return value.decode("unicode_escape").encode("latin-1") if b"\\x" in value else value
+    """`\\x09` -> a tab; a broken escape is kept as written (its lines then fail to split, and count)."""
+    if b"\\x" not in value:
+        return value
+    try:
+        return value.decode("unicode_escape").encode("latin-1")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return value
 
 
 def header_line(h: Header, raw: bytes) -> None:

@@ -132,6 +132,14 @@ class TestZeek:
         assert hosts["en.wikipedia.org"].ts == datetime(2026, 11, 24, 9, 6, 30, tzinfo=UTC)
         assert stats.skipped == 1 and stats.first_skipped == "line 3: not JSON"
 
+    def test_a_broken_separator_escape_makes_lines_skipped_not_a_crash(self, tmp_path: Path) -> None:
+        text = (DATA / "zeek/ssl.log").read_text().replace("#separator \\x09", "#separator \\x\x009", 1)
+        assert text.startswith("#separator \\x\x009")
+        (tmp_path / "ssl.log").write_text(text)
+        obs, stats = read(tmp_path / "ssl.log")
+        assert obs == [] and stats.skipped == stats.lines == 6
+        assert stats.first_skipped == "line 9: data line before any #fields header"  # #fields did not split
+
     def test_resume_from_offset_reads_the_header_again(self) -> None:
         stats = LogStats()
         pairs = list(read_log(DATA / "zeek/ssl.log", "zeek", source="t", stats=stats))
