@@ -19,6 +19,21 @@ COMMAND = Path(sys.executable).parent / "choysez-auditd"
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a compiled module (mypyc, `make speedups`) that is older than its source: Python
+    would import the stale compiled one and the edit would go untested."""
+    stale = [
+        so.relative_to(ROOT)
+        for so in (ROOT / "auditd").rglob("*.so")
+        if (src := so.with_name(so.name.split(".")[0] + ".py")).exists()
+        and src.stat().st_mtime > so.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(map(str, stale))}; run make speedups", 2
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The tests' own cache folder (the classifier cache), never the developer's ~/.cache."""
