@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from auditd.policy import Policy
     from auditd.rules.mail import MailRules
     from auditd.sources.base import MailSource
+    from auditd.sources.logio import LogStats
     from auditd.store import Store
 
 PROG = "choysez-auditd"
@@ -242,6 +243,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for raw in args.paths:
         path = Path(raw)
         kind = detect(path)
+        if kind.startswith("log:"):
+            from functools import partial
+
+            from auditd import parallel
+
+            ranges = parallel.plan(path, kind[4:])
+            if len(ranges) > 1:  # a big log: one process per range, output as one process would write it
+                work = partial(
+                    _inspect_log, path, kind[4:], classifier, emit, args.only_matches, config, args.format
+                )
+                with (
+                    parallel.Workers(path, ranges, work) as team,
+                    FileProgress(path, sys.stderr, enabled=show_progress, done=team.done),
+                ):
+                    _report_skipped(path, team.finish(work(*ranges[0])))
+                continue
         with FileProgress(path, sys.stderr, enabled=show_progress):
             _inspect_path(path, kind, args, classifier, rules, emit, config, now)
     return 0
@@ -273,7 +290,9 @@ def _inspect_path(
                 sys.stderr,
             )
     elif kind.startswith("log:"):
-        _inspect_log(path, kind[4:], classifier, emit, args.only_matches, config, args.format)
+        _report_skipped(
+            path, _inspect_log(path, kind[4:], classifier, emit, args.only_matches, config, args.format)
+        )
     else:
         from auditd.sources.mailfile import EmlFiles, MaildirFolder, MailStats, MboxFile
 
@@ -327,8 +346,11 @@ def _inspect_log(
     only_matches: bool,
     config: Config | None,
     fmt: str = "table",
-) -> None:
-    """One network log through the classifier; with --only-matches, unlisted names are never built.
+    offset: int = 0,
+    stop: int | None = None,
+) -> LogStats:
+    """One network log (the lines starting in [offset, stop)) through the classifier; with
+    --only-matches, unlisted names are never built.
 
     The hot path of a big log: each distinct name is classified once, and JSON lines are written
     from cached pieces (the same text `json.dumps(net_json(o), ensure_ascii=False)` gives).
@@ -346,7 +368,9 @@ def _inspect_log(
     tails: dict[tuple[str, str, str | None, str | None], str] = {}  # (host, via, service, category) -> JSON
     out: list[str] = []
     write = sys.stdout.write
-    for o, _ in read_log(path, kind, source=str(path), stats=stats, tz=tz, keep=keep):
+    for o, _ in read_log(
+        path, kind, source=str(path), stats=stats, offset=offset, tz=tz, keep=keep, stop=stop
+    ):
         if o.via == "ip":  # not from a log reader (CONTRACT): classify() decides what it means
             write("".join(out))
             out.clear()
@@ -397,6 +421,10 @@ def _inspect_log(
             out.clear()
     if out:
         write("".join(out))
+    return stats
+
+
+def _report_skipped(path: Path, stats: LogStats) -> None:
     if stats.skipped:
         _out(f"{PROG}: {path}: {stats.skipped} lines skipped; first: {stats.first_skipped}", sys.stderr)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
@@ -19,19 +20,21 @@ MIN_SIZE = 32 * 1024 * 1024
 WIDTH = 30
 
 
-def read_offset(path: Path) -> int | None:
-    """How far this process has read into `path` (the largest offset of its open descriptors)."""
+def read_offset(path: Path, pid: int | None = None) -> int | None:
+    """How far this process (or process `pid`, a worker) has read into `path` (the largest offset
+    of its open descriptors)."""
     target = str(path.resolve())
+    proc = f"/proc/{pid or 'self'}"
     best: int | None = None
     try:
-        fds = os.listdir("/proc/self/fd")
+        fds = os.listdir(f"{proc}/fd")
     except OSError:
         return None
     for fd in fds:
         try:
-            if os.readlink(f"/proc/self/fd/{fd}") != target:
+            if os.readlink(f"{proc}/fd/{fd}") != target:
                 continue
-            with open(f"/proc/self/fdinfo/{fd}") as info:
+            with open(f"{proc}/fdinfo/{fd}") as info:
                 for line in info:
                     if line.startswith("pos:"):
                         pos = int(line.split()[1])
@@ -61,8 +64,12 @@ class FileProgress:
         min_size: int = MIN_SIZE,
         interval: float = 0.25,
         enabled: bool = True,
+        done: Callable[[], int | None] | None = None,
     ) -> None:
+        """`done` says how far the reading has got (default: this process's offset in the file;
+        `auditd.parallel` sums its processes' ranges)."""
         self.path = path
+        self.done = done or (lambda: read_offset(path))
         self.stream = stream
         self.interval = interval
         self._stop = threading.Event()
@@ -93,7 +100,7 @@ class FileProgress:
         wait = min(self.interval, 0.05)  # the first draw soon, then one each interval
         while not self._stop.wait(wait):
             wait = self.interval
-            done = read_offset(self.path)
+            done = self.done()
             if done is not None:
                 line = render(self.path.name, done, self.total, time.monotonic() - started)
                 self.stream.write("\r" + line + "\x1b[K")

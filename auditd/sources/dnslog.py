@@ -111,8 +111,10 @@ def read_dnslog(
     tz: tzinfo = UTC,
     keep: Keep | None = None,
     hold_partial: bool = False,
+    stop: int | None = None,
 ) -> Iterator[tuple[NetObservation, int]]:
-    """Lookups from a dnsmasq/Pi-hole (`kind` "dnsmasq") or BIND (`kind` "bind") query log."""
+    """Lookups from a dnsmasq/Pi-hole (`kind` "dnsmasq") or BIND (`kind` "bind") query log, from
+    the lines starting before `stop` (None: to the end)."""
     gz, start = start_of(path, offset)
     try:
         mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
@@ -122,7 +124,7 @@ def read_dnslog(
     line_re, query_re = (DNSMASQ, _DNSMASQ_QUERY) if kind == "dnsmasq" else (BIND, _BIND_QUERY)
     memo: dict[str, bool] = {}
     with open_log(path, start) as fh:
-        for n, raw, pos in lines(fh, start, stats, hold_partial=hold_partial, gz=gz):
+        for n, raw, pos in lines(fh, start, stats, hold_partial=hold_partial, gz=gz, stop=stop):
             m = line_re.match(raw)
             if m is None:
                 if kind == "bind" and b" client " not in raw:

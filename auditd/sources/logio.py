@@ -61,14 +61,17 @@ def open_log(path: Path, offset: int = 0) -> BinaryIO:
         raise InputError(f"cannot read: {exc.strerror or exc}", where=str(path)) from None
 
 
-def blocks(fh: BinaryIO, hold_partial: bool) -> Iterator[tuple[bytes, bool]]:
+def blocks(fh: BinaryIO, hold_partial: bool, stop: int | None = None) -> Iterator[tuple[bytes, bool]]:
     """The file's bytes as (block, True) blocks of whole lines (each ending in a newline), then the
     unterminated last line as (line, False), unless `hold_partial` (a line still being written).
+    With `stop`, only the lines that start before that offset (one range of a file split for
+    parallel reading: see `auditd.parallel`).
 
     Readers iterate a block's lines (`io.BytesIO(block)` shares it) and skip most of them without
     per-line bookkeeping; a block is completed with `readline`, so no bytes are copied twice.
     """
-    while data := fh.read(BLOCK):
+    left = -1 if stop is None else max(stop - fh.tell(), 0)  # bytes before `stop`; -1: to the end
+    while left and (data := fh.read(BLOCK if left < 0 else min(BLOCK, left))):
         if data[-1] != 10:  # 10 is "\n"
             data += fh.readline()
             if data[-1] != 10:  # the end of the file, in an unterminated line
@@ -78,17 +81,22 @@ def blocks(fh: BinaryIO, hold_partial: bool) -> Iterator[tuple[bytes, bool]]:
                 if not hold_partial:
                     yield data[cut:], False
                 return
+        if left > 0:
+            left = max(left - len(data), 0)  # a line completed across `stop` ends the range
         yield data, True
 
 
 def lines(
-    fh: BinaryIO, start: int, stats: LogStats, *, hold_partial: bool, gz: bool
+    fh: BinaryIO, start: int, stats: LogStats, *, hold_partial: bool, gz: bool, stop: int | None = None
 ) -> Iterator[tuple[int, bytes, int]]:
     """The non-blank lines from `start` as (line number, line, offset just after it), keeping the
     stats' bookkeeping: where the next read may resume, and which lines an earlier read counted.
-    An unterminated last line of a plain file is held back when `hold_partial` (still being written)."""
+    An unterminated last line of a plain file is held back when `hold_partial` (still being written);
+    with `stop`, only the lines that start before that offset are read."""
     pos = start
     for n, raw in enumerate(fh, 1):
+        if stop is not None and pos >= stop:
+            return
         if hold_partial and not gz and not raw.endswith(b"\n"):
             return
         pos += len(raw)

@@ -5,14 +5,16 @@ The interface, for the CLI and the pipeline:
     LOG_KINDS = ("zeek", "suricata", "squid", "dnsmasq", "bind")
     detect_log(path) -> kind | None
         Sniffs the first lines (gzip too). None when the file is not a log this package reads.
-    read_log(path, kind, *, source, stats, offset=0, tz=UTC, keep=None, hold_partial=False)
+    read_log(path, kind, *, source, stats, offset=0, tz=UTC, keep=None, hold_partial=False, stop=None)
         -> Iterator[(NetObservation, offset just after the line it came from)]
         Bad lines (garbage, missing fields, wrong types) are skipped and counted in `stats`, which
         also keeps the first place ("line 17: missing field ts") and `end`, the offset after the last
         complete line read. Raises only InputError, for a file that is not that kind of log at all.
         `tz` is the zone of time-stamps that have none (dnsmasq, BIND); `keep` filters names before
         observations are built (the hot path of a big log); `hold_partial` leaves an unterminated
-        last line (still being written) for the next read.
+        last line (still being written) for the next read. `stop` ends the read at the lines that
+        start before it (`offset` and `stop` a range of line starts, for reading one file in parallel:
+        `SPLITTABLE` are the kinds whose ranges, read apart, give what one read of the whole gives).
     resume_point(path, checkpoint) -> Resume   and   checkpoint_for(path, offset, context) -> str
         Following a growing log between runs (below).
 
@@ -49,9 +51,21 @@ from auditd.sources.squid import _COMMON, read_squid
 from auditd.sources.suricata import read_suricata
 from auditd.sources.zeek import read_zeek
 
-__all__ = ["LOG_KINDS", "LogStats", "Resume", "checkpoint_for", "detect_log", "read_log", "resume_point"]
+__all__ = [
+    "LOG_KINDS",
+    "SPLITTABLE",
+    "LogStats",
+    "Resume",
+    "checkpoint_for",
+    "detect_log",
+    "read_log",
+    "resume_point",
+]
 
 LOG_KINDS = ("zeek", "suricata", "squid", "dnsmasq", "bind")
+# Kinds whose lines are read independently of the lines before them (given a Zeek TSV header):
+# not Suricata, whose records wait for flow events further on and whose dns answers depend on earlier queries.
+SPLITTABLE = frozenset(("zeek", "squid", "dnsmasq", "bind"))
 HEAD = 1024
 _SQUID_NATIVE = re.compile(rb"^\d{9,11}(?:\.\d+)?\s+\d+\s+\S+\s+[A-Z_]+/\d{3}\s+\d+\s+\S+\s+\S+")
 _ZEEK_JSON_KEYS = ("uid", "id.orig_h")
@@ -107,6 +121,7 @@ def read_log(
     tz: tzinfo = UTC,
     keep: Keep | None = None,
     hold_partial: bool = False,
+    stop: int | None = None,
 ) -> Iterator[tuple[NetObservation, int]]:
     """Observations from a log of `kind`, each with the offset just after its line (see the module doc)."""
     if kind not in LOG_KINDS:
@@ -115,18 +130,26 @@ def read_log(
         raise InputError("no such file", where=str(path))
     if kind == "zeek":
         return read_zeek(
-            path, source=source, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial
+            path, source=source, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial, stop=stop
         )
     if kind == "suricata":
         return read_suricata(
-            path, source=source, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial
+            path, source=source, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial, stop=stop
         )
     if kind == "squid":
         return read_squid(
-            path, source=source, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial
+            path, source=source, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial, stop=stop
         )
     return read_dnslog(
-        path, kind, source=source, stats=stats, offset=offset, tz=tz, keep=keep, hold_partial=hold_partial
+        path,
+        kind,
+        source=source,
+        stats=stats,
+        offset=offset,
+        tz=tz,
+        keep=keep,
+        hold_partial=hold_partial,
+        stop=stop,
     )
 
 

@@ -52,8 +52,10 @@ def read_squid(
     offset: int = 0,
     keep: Keep | None = None,
     hold_partial: bool = False,
+    stop: int | None = None,
 ) -> Iterator[tuple[NetObservation, int]]:
-    """Observations for the names `keep` accepts, each with the offset just after its line.
+    """Observations for the names `keep` accepts, each with the offset just after its line, from
+    the lines starting before `stop` (None: to the end).
 
     The hot path: the log is read a block of lines at a time; in a block with no comment and no
     `[` (so no common-format line), a native line is split only as far as its URL, and a CONNECT
@@ -66,7 +68,7 @@ def read_squid(
     pos, n, lines, count_from = start, 0, 0, stats.count_from
     memo = _Memo(keep)
     with open_log(path, start) as fh:
-        for block, whole in blocks(fh, hold_partial and not gz):
+        for block, whole in blocks(fh, hold_partial and not gz, stop):
             lines_in = io.BytesIO(block)  # shares the block: iterating it is cheaper than a split
             found: list[tuple[int, int, int, Parsed | str]] = []  # (line number, start, end, parsed)
             if whole and pos >= count_from and b"#" not in block and b"[" not in block:

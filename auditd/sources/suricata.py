@@ -80,13 +80,19 @@ def read_suricata(
     offset: int = 0,
     keep: Keep | None = None,
     hold_partial: bool = False,
+    stop: int | None = None,
 ) -> Iterator[tuple[NetObservation, int]]:
+    """Observations from the lines starting before `stop` (None: to the end); see the module doc.
+
+    A range read alone is not a part of the whole read: a record waits for a flow event that may
+    lie in a later range, and dns answers depend on the queries seen before them.
+    """
     gz, start = start_of(path, offset)
     pending: dict[object, list[tuple[NetObservation, int]]] = {}
     seen: set[tuple[object, str]] = set()
     memo: dict[str, bool] = {}
     with open_log(path, start) as fh:
-        for n, raw, pos in lines(fh, start, stats, hold_partial=hold_partial, gz=gz):
+        for n, raw, pos in lines(fh, start, stats, hold_partial=hold_partial, gz=gz, stop=stop):
             try:
                 ev = json.loads(raw)
             except ValueError:

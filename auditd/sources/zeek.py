@@ -159,8 +159,10 @@ def _records(
     hold_partial: bool,
     want: frozenset[str],
     keep: Keep | None = None,
+    stop: int | None = None,
 ) -> Iterator[tuple[int, int, Record]]:
-    """(offset after the line, line number, record) for records naming something `keep` accepts.
+    """(offset after the line, line number, record) for records naming something `keep` accepts,
+    from the lines starting before `stop` (None: to the end).
 
     The hot path: the log is read a block of lines at a time; in a block with no header line, a TSV
     name record is split only as far as its name, and a name seen before and not kept costs nothing
@@ -192,7 +194,7 @@ def _records(
         return True, _tsv_record(raw, h, want)
 
     with open_log(path, start) as fh:
-        for block, whole in blocks(fh, hold_partial and not gz):
+        for block, whole in blocks(fh, hold_partial and not gz, stop):
             lines_in = io.BytesIO(block)  # shares the block: iterating it is cheaper than a split
             if whole and pos >= count_from and h.log in want and h.log in NAME_FIELD and b"#" not in block:
                 # The hot path: split as far as the name; go on only for a name wanted or not seen yet.
@@ -400,8 +402,13 @@ def read_zeek(
     keep: Keep | None = None,
     hold_partial: bool = False,
     join_conn: bool = True,
+    stop: int | None = None,
 ) -> Iterator[tuple[NetObservation, int]]:
-    """Observations from a Zeek dns/ssl/http/quic log; conn.log and other logs yield none."""
+    """Observations from a Zeek dns/ssl/http/quic log; conn.log and other logs yield none.
+
+    With `stop`, only the lines starting before that offset (a range starting at `offset`: the
+    header is read from the top of the file); the conn.log join indexes only that range's uids.
+    """
     log = log_path_of(path)
     if log not in NAME_FIELD:
         stats.end = max(offset, path.stat().st_size)  # conn.log and the rest: nothing to read here
@@ -411,10 +418,11 @@ def read_zeek(
     conn = conn_sibling(path, log) if join_conn and log != "dns" else None
     if conn is not None:
         # First pass: only the uids that will be yielded, so a big conn.log costs little memory.
-        wanted = {rec[2] for _, _, rec in _records(path, offset, LogStats(), hold_partial, names, keep)}
+        first = _records(path, offset, LogStats(), hold_partial, names, keep, stop)
+        wanted = {rec[2] for _, _, rec in first}
         flows = conn_index(conn, wanted)
     _, start = start_of(path, offset)
-    for end, n, rec in _records(path, offset, stats, hold_partial, names, keep):
+    for end, n, rec in _records(path, offset, stats, hold_partial, names, keep, stop):
         ts_raw, uid, orig = rec[1], rec[2], rec[3]
         try:
             ts = datetime.fromtimestamp(ts_raw, UTC) if isinstance(ts_raw, float) else parse_ts(ts_raw)
