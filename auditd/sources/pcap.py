@@ -1,12 +1,12 @@
 """Names and flow totals from packet captures (pcap and pcapng), streamed.
 
 Why not dissect every packet with scapy: at about 3,000 packets a second it would take minutes on a
-single lesson's capture. Here records are read in large chunks and link, IP, TCP and UDP headers are
-read with `struct` at offsets into the chunk, so a bulk video packet costs a header parse and a dict
-update. Payloads are looked at only in a flow's first packets (until a name is found or a small
-budget is spent) and in DNS packets. Names come from DNS queries and answers, the TLS ClientHello
-SNI (reassembled across TCP segments), the HTTP Host header and the QUIC Initial SNI (decrypted,
-see `auditd.sources.quic`).
+single lesson's capture. Here records are read in chunks and link, IP, TCP and UDP headers are read
+at offsets into the chunk, so a bulk video packet costs a header parse and a dict update. The module
+is written to be compiled by mypyc (see `_COMPILED`) and still run well as plain Python. Payloads
+are looked at only in a flow's first packets (until a name is found or a small budget is spent) and
+in DNS packets. Names come from DNS queries and answers, the TLS ClientHello SNI (reassembled across
+TCP segments), the HTTP Host header and the QUIC Initial SNI (decrypted, see `auditd.sources.quic`).
 
 One observation is emitted per name per flow, when the flow ends (FIN or RST, idle for
 `IDLE_SECONDS` of capture time, evicted from a full table, or end of file), with the flow's bytes on
@@ -23,46 +23,47 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from types import FunctionType
+from typing import BinaryIO, Final
 
 from auditd.errors import InputError
 from auditd.model import NetObservation
 from auditd.sources.quic import QuicState, feed_datagram, gquic_sni, is_gquic
 from auditd.sources.tls import clean_hostname, sni_from_records
 
-IDLE_SECONDS = 120.0
-MAX_FLOWS = 200_000
-NAMELESS_MIN_PAYLOAD = 1024
-CHUNK = 1 << 20
-TCP_BUDGET = 16 * 1024  # client bytes kept per direction while looking for a name
-TCP_SEGMENTS = 12
-UDP_DATAGRAMS = 12
-MAX_RECORD = 1 << 24  # a record claiming more than this is garbage, not a packet
+IDLE_SECONDS: Final = 120.0
+MAX_FLOWS: Final = 200_000
+NAMELESS_MIN_PAYLOAD: Final = 1024
+CHUNK: Final = 1 << 16  # small enough that malloc reuses the memory: 1 MiB reads faulted in new pages
+TCP_BUDGET: Final = 16 * 1024  # client bytes kept per direction while looking for a name
+TCP_SEGMENTS: Final = 12
+UDP_DATAGRAMS: Final = 12
+MAX_RECORD: Final = 1 << 24  # a record claiming more than this is garbage, not a packet
 
-PCAP_MAGICS = {
+PCAP_MAGICS: Final = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
     b"\xa1\xb2\xc3\xd4": (">", 1e-6),
     b"\x4d\x3c\xb2\xa1": ("<", 1e-9),
     b"\xa1\xb2\x3c\x4d": (">", 1e-9),
 }
-PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+PCAPNG_SHB: Final = b"\x0a\x0d\x0d\x0a"
 
 # Link types (https://www.tcpdump.org/linktypes.html) mapped to how to find the IP header.
-ETHERNET = 1
-NULL = 0
-LOOP = 108
-SLL = 113
-SLL2 = 276
-RAW = frozenset({101, 12, 14})
-IPV4_ONLY = 228
-IPV6_ONLY = 229
+ETHERNET: Final = 1
+NULL: Final = 0
+LOOP: Final = 108
+SLL: Final = 113
+SLL2: Final = 276
+RAW: Final = frozenset({101, 12, 14})
+IPV4_ONLY: Final = 228
+IPV6_ONLY: Final = 229
 
-HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ", b"CONNECT ")
+HTTP_METHODS: Final = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"OPTIONS ", b"DELETE ", b"PATCH ", b"CONNECT ")
 
-_U32LE = struct.Struct("<I")
-_U32BE = struct.Struct(">I")
-_IP4 = struct.Struct(">BxHxxHxB")  # version/ihl, total length, flags/fragment, protocol
-_H = struct.Struct(">H")
+_U32LE: Final = struct.Struct("<I")
+_U32BE: Final = struct.Struct(">I")
+_IP4: Final = struct.Struct(">BxHxxHxB")  # version/ihl, total length, flags/fragment, protocol
+_H: Final = struct.Struct(">H")
 
 
 @dataclass
@@ -90,6 +91,13 @@ def is_capture(path: Path) -> bool:
     except OSError:
         return False
     return head in PCAP_MAGICS or head == PCAPNG_SHB
+
+
+# Whether this module runs compiled by mypyc (the Makefile builds it so; plain Python is the fallback):
+# compiled functions are not Python function objects. The record loop reads headers the way that is
+# fastest for each: compiled, byte by byte, which makes no objects at all; interpreted, with one
+# `struct` call, which beats sixteen indexings.
+_COMPILED: Final = not isinstance(is_capture, FunctionType)
 
 
 # ---- flows ------------------------------------------------------------------------------------
@@ -353,6 +361,80 @@ class _Engine:
         if self.count > self.max_flows:
             self.evict()
         return f
+
+    def records(self, buf: bytes, link: int, unit: float, big: bool) -> int:
+        """The whole pcap records in `buf`: where the first incomplete one starts, -1 after a bad header.
+
+        A plain loop rather than part of the `_pcap` generator: compiled, a generator's locals live on
+        the heap, a function's in registers.
+        """
+        native = _COMPILED
+        unpack = (_RECORD_BE if big else _RECORD_LE).unpack_from
+        stats = self.stats
+        eth = link == ETHERNET
+        tcp = self.tcp
+        next_sweep = self.next_sweep
+        fast = 0  # packets taken by the hot path, not yet added to stats.packets
+        n = len(buf)
+        off = 0
+        while off + 16 <= n:
+            if native:
+                sec, frac, incl, orig = _record_header(buf, off, big)
+            else:
+                sec, frac, incl, orig = unpack(buf, off)
+            if incl > MAX_RECORD:
+                stats.packets += fast
+                stats.skip(stats.packets + 1, f"bad record header (captured length {incl})")
+                return -1
+            start = off + 16
+            end = start + incl
+            if end > n:
+                break
+            off = end
+            ts = sec + frac * unit
+            wire = orig if orig > incl else incl
+            # The hot path, inlined: a TCP segment without SYN/RST/FIN over Ethernet and a plain IPv4
+            # header (20 bytes, not a fragment), in a known flow whose payload this side sends is
+            # not (or no longer) looked into, between sweeps. Anything else goes to `packet`, which
+            # does the same for this case.
+            if (
+                eth
+                and incl >= 54
+                and buf[start + 12] == 0x08  # EtherType 0x0800: IPv4
+                and buf[start + 13] == 0x00
+                and buf[start + 14] == 0x45  # version 4, 20-byte header
+                and buf[start + 23] == 6
+                and not buf[start + 47] & 7
+                and not (buf[start + 20] & 0x3F or buf[start + 21])
+                and ts < next_sweep
+            ):
+                key = buf[start + 26 : start + 38]
+                f = tcp.get(key)
+                total = (buf[start + 16] << 8) | buf[start + 17]
+                if f is not None and total >= 20:
+                    a = key == f.key
+                    hl = (buf[start + 46] >> 4) << 2
+                    if f.inspect:  # still looked into: fine only if this side is done, or sent nothing
+                        d = f.a if a else f.b
+                        stop = start + 14 + total
+                        looked = d is not None and d.done
+                        if not looked and start + 34 + hl < (stop if stop < end else end):
+                            f = None
+                    if f is not None:
+                        fast += 1
+                        if a:
+                            f.up += wire
+                        else:
+                            f.down += wire
+                        f.last = ts
+                        f.payload += total - 20 - hl
+                        continue
+            stats.packets += fast
+            fast = 0
+            self.packet(link, ts, wire, buf, start, end)
+            next_sweep = self.next_sweep
+        stats.packets += fast
+        return off
 
     # -- payloads -------------------------------------------------------------------------------
 
@@ -642,78 +724,42 @@ def _pcap(fh: BinaryIO, magic: bytes, stats: CaptureStats, engine: _Engine) -> I
         stats.truncated = True
         return
     link = struct.unpack(endian + "I", header[16:20])[0] & 0x03FFFFFF
-    unpack = struct.Struct(endian + "IIII").unpack_from
-    packet = engine.packet
-    eth = link == ETHERNET
-    tcp = engine.tcp
-    next_sweep = engine.next_sweep
-    fast = 0  # packets taken by the hot path, not yet added to stats.packets
     buf = b""
     off = 0
-    while data := fh.read(CHUNK):
+    while data := fh.read(max(CHUNK, len(buf) - off)):  # a record longer than CHUNK: double up
         buf = buf[off:] + data if off < len(buf) else data
-        n = len(buf)
-        off = 0
-        while off + 16 <= n:
-            sec, frac, incl, orig = unpack(buf, off)
-            if incl > MAX_RECORD:
-                stats.packets += fast
-                stats.skip(stats.packets + 1, f"bad record header (captured length {incl})")
-                stats.truncated = True
-                return
-            start = off + 16
-            end = start + incl
-            if end > n:
-                break
-            off = end
-            ts = sec + frac * unit
-            wire = orig if orig > incl else incl
-            # The hot path, inlined: a TCP segment without SYN/RST/FIN over Ethernet and a plain IPv4
-            # header (20 bytes, not a fragment), in a known flow whose payload this side sends is
-            # not (or no longer) looked into, between sweeps. Anything else goes to `packet`, which
-            # does the same for this case.
-            if (
-                eth
-                and incl >= 54
-                and buf[start + 12 : start + 15] == b"\x08\x00\x45"
-                and buf[start + 23] == 6
-                and not buf[start + 47] & 7
-                and not (buf[start + 20] & 0x3F or buf[start + 21])
-                and ts < next_sweep
-            ):
-                f = tcp.get(key := buf[start + 26 : start + 38])
-                total = (buf[start + 16] << 8) | buf[start + 17]
-                if f is not None and total >= 20:
-                    a = key == f.key
-                    hl = (buf[start + 46] >> 4) << 2
-                    if f.inspect:  # still looked into: fine only if this side is done, or sent nothing
-                        d = f.a if a else f.b
-                        stop = start + 14 + total
-                        looked = d is not None and d.done
-                        if not looked and start + 34 + hl < (stop if stop < end else end):
-                            f = None
-                    if f is not None:
-                        fast += 1
-                        if a:
-                            f.up += wire
-                        else:
-                            f.down += wire
-                        f.last = ts
-                        f.payload += total - 20 - hl
-                        continue
-            stats.packets += fast
-            fast = 0
-            packet(link, ts, wire, buf, start, end)
-            next_sweep = engine.next_sweep
-        stats.packets += fast
-        fast = 0
+        off = engine.records(buf, link, unit, endian == ">")
+        if off < 0:
+            stats.truncated = True
+            return
         yield None
     if off < len(buf):
         stats.truncated = True
 
 
-_SHB_LE = b"\x4d\x3c\x2b\x1a"
-_SHB_BE = b"\x1a\x2b\x3c\x4d"
+_RECORD_LE: Final = struct.Struct("<IIII")  # seconds, fraction, captured length, length on the wire
+_RECORD_BE: Final = struct.Struct(">IIII")
+
+
+def _record_header(buf: bytes, p: int, big: bool) -> tuple[int, int, int, int]:
+    """The four fields of the pcap record header at `p`, read byte by byte: see `_COMPILED`."""
+    if big:
+        return (
+            buf[p] << 24 | buf[p + 1] << 16 | buf[p + 2] << 8 | buf[p + 3],
+            buf[p + 4] << 24 | buf[p + 5] << 16 | buf[p + 6] << 8 | buf[p + 7],
+            buf[p + 8] << 24 | buf[p + 9] << 16 | buf[p + 10] << 8 | buf[p + 11],
+            buf[p + 12] << 24 | buf[p + 13] << 16 | buf[p + 14] << 8 | buf[p + 15],
+        )
+    return (
+        buf[p] | buf[p + 1] << 8 | buf[p + 2] << 16 | buf[p + 3] << 24,
+        buf[p + 4] | buf[p + 5] << 8 | buf[p + 6] << 16 | buf[p + 7] << 24,
+        buf[p + 8] | buf[p + 9] << 8 | buf[p + 10] << 16 | buf[p + 11] << 24,
+        buf[p + 12] | buf[p + 13] << 8 | buf[p + 14] << 16 | buf[p + 15] << 24,
+    )
+
+
+_SHB_LE: Final = b"\x4d\x3c\x2b\x1a"
+_SHB_BE: Final = b"\x1a\x2b\x3c\x4d"
 
 
 def _interface(body: bytes, endian: str) -> tuple[int, float, float, int]:
@@ -748,7 +794,7 @@ def _pcapng(fh: BinaryIO, magic: bytes, stats: CaptureStats, engine: _Engine) ->
     buf = magic
     off = 0
     while True:
-        data = fh.read(CHUNK)
+        data = fh.read(max(CHUNK, len(buf) - off))  # a block longer than CHUNK: double up
         if data:
             buf = buf[off:] + data if off < len(buf) else data
             off = 0
