@@ -13,10 +13,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_TEST_TOOLS := dovecot=dovecot-imapd chromium=chromium tcpdump=tcpdump systemd-analyze=systemd setpriv=util-linux pg_ctlcluster=postgresql
 
 # Compiled to C with mypyc (part of mypy) when a C compiler and Python's headers are present: the
-# capture reader's per-packet loop then runs about twice as fast. The .py file stays the source and
+# capture reader's per-packet loop then runs about twice as fast, and so does the Zeek and Squid
+# readers' per-line scan (logscan). The .py file stays the source and
 # the fallback; an edit to it rebuilds the compiled module on the next `make demo` or `make test`
 # (and the test suite refuses to run against a compiled module older than its source).
-SPEEDUPS      := auditd/sources/pcap.py
+SPEEDUPS      := auditd/sources/pcap.py auditd/sources/logscan.py
 SPEEDUP_STAMP := $(VENV)/.speedups-stamp
 HAVE_CC       := $(BIN)/python -c 'import os, shutil, sys, sysconfig; \
   sys.exit(not (shutil.which("cc") and os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")))'
@@ -47,7 +48,7 @@ $(SPEEDUP_STAMP): $(STAMP) $(SPEEDUPS)
 	  (cd build/mypyc && find auditd -name '*.so' -exec cp --parents {} $(CURDIR) \;); \
 	else \
 	  echo "note: no C compiler or Python headers (apt-get install gcc python3-dev):" \
-	       "$(SPEEDUPS) runs as pure Python, about half as fast"; \
+	       "$(SPEEDUPS) run as pure Python, about half as fast"; \
 	fi
 	@touch $@
 

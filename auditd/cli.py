@@ -358,6 +358,7 @@ def _inspect_log(
     from functools import lru_cache
     from json.encoder import encode_basestring as quote  # what json.dumps(ensure_ascii=False) uses
 
+    from auditd.sources.logscan import iso_json  # quote(o.ts.isoformat()), faster compiled
     from auditd.sources.netlogs import LogStats, read_log
 
     stats = LogStats()
@@ -413,7 +414,7 @@ def _inspect_log(
             server = quoted[o.server] = quote(o.server)
         size = "null" if o.bytes is None else int.__repr__(o.bytes)
         out.append(
-            f'{{"kind": "net", "ts": {quote(o.ts.isoformat())}, "client": {client}, "server": {server}, '
+            f'{{"kind": "net", "ts": {iso_json(o.ts)}, "client": {client}, "server": {server}, '
             f"{tail}{size}}}\n"
         )
         if len(out) >= 4096:

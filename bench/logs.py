@@ -10,7 +10,8 @@ output to /dev/null; split across the cores, and in one process), `read_log` alo
 the same name filter the command uses, `read_log` building every observation (no filter), and awk
 printing the name field. Prints wall times and the
 ratio to awk; the target is within 2x. `--dir DIR` reuses the files a `--keep` run left; each time
-is the best of `--repeat` runs (other work on the machine only ever adds time).
+is the best of `--repeat` runs (other work on the machine only ever adds time). It says first whether
+the log scanners (`auditd.sources.logscan`) run compiled (`make speedups`) or as pure Python.
 """
 
 from __future__ import annotations
@@ -215,6 +216,15 @@ def main() -> None:
             print(
                 f"generated {args.lines} lines each in {time.perf_counter() - t0:.1f} s in {tmp} (awk: {awk})"
             )
+        compiled = subprocess.run(
+            [sys.executable, "-c", "import auditd.sources.logscan as m; print(m.__file__.endswith('.so'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+        scanners = "compiled with mypyc" if compiled == "True" else "pure Python (run `make speedups`)"
+        print(f"log scanners (auditd.sources.logscan): {scanners}")
         bench(zeek, "zeek", [awk, "-F\t", "!/^#/{print $10}", str(zeek)], args.repeat)
         bench(squid, "squid", [awk, "{print $7}", str(squid)], args.repeat)
     finally:

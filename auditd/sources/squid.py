@@ -21,11 +21,12 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from auditd.model import NetObservation
 from auditd.sources.logio import Keep, LogStats, blocks, kept, open_log, start_of, strip_port, where
+from auditd.sources.logscan import UNSEEN, Parsed, squid_host, squid_lines, squid_native, url_key
 
 _COMMON = re.compile(
     rb'^(?P<client>\S+) \S+ \S+ \[(?P<ts>[^\]]+)\] "(?P<method>[A-Z]+) (?P<url>\S+)(?: [^"]*)?" '
@@ -58,8 +59,9 @@ def read_squid(
     the lines starting before `stop` (None: to the end).
 
     The hot path: the log is read a block of lines at a time; in a block with no comment and no
-    `[` (so no common-format line), a native line is split only as far as its URL, and a CONNECT
-    target or URL host seen before and not kept costs nothing more; any other line is read carefully.
+    `[` (so no common-format line), a native line is read only as far as its URL, and a CONNECT
+    target or URL host seen before and not kept costs nothing more (see `auditd.sources.logscan`,
+    compiled with mypyc); any other line is read carefully.
     A name is remembered per CONNECT target and, apart, per URL up to the end of its authority (all
     its host depends on), so that `GET 1a://host/` never borrows what `GET http://host/` decided.
     """
@@ -69,72 +71,46 @@ def read_squid(
     memo = _Memo(keep)
     with open_log(path, start) as fh:
         for block, whole in blocks(fh, hold_partial and not gz, stop):
-            lines_in = io.BytesIO(block)  # shares the block: iterating it is cheaper than a split
-            found: list[tuple[int, int, int, Parsed | str]] = []  # (line number, start, end, parsed)
+            found: list[tuple[int, int, int, Parsed | str | None]]  # (start, end, line index, parsed)
             if whole and pos >= count_from and b"#" not in block and b"[" not in block:
-                j, uncounted = -1, 0
-                connect, other = memo.connect, memo.other
-                for j, raw in enumerate(lines_in):
-                    try:
-                        _, _, _, action, _, method, url, _ = raw.split(None, 7)
-                        if action.find(b"/") <= 0:  # not native (no `[` here, so no common-format line)
-                            raise ValueError
-                        host = connect[url] if method == b"CONNECT" else other[_url_key(url)]
-                    except (KeyError, ValueError):
-                        host = _UNSEEN
-                    if host is None:
-                        continue
-                    if host is _UNSEEN:
-                        counts, got = memo.line(raw, raw.split(None, 7))
-                        uncounted += not counts
-                    else:
-                        got = _native(raw.split(), host)
-                    if got is not None:
-                        end = pos + lines_in.tell()
-                        found.append((n + j + 1, end - len(raw), end, got))
-                lines += j + 1 - uncounted
-                n += j + 1
-                pos += len(block)
+                # Only lines naming something wanted or not seen yet come back.
+                nlines, found = squid_lines(block, memo.connect, memo.other)
+                lines += nlines  # less those found to be blank below
             else:
-                for raw in lines_in:
-                    n += 1
-                    pos += len(raw)
+                found, nlines, at = [], 0, 0
+                for raw in io.BytesIO(block):  # shares the block: iterating it is cheaper than a split
+                    at += len(raw)
                     counts, got = memo.line(raw, raw.split(None, 7))
-                    if counts and pos > count_from:
+                    if counts and pos + at > count_from:
                         lines += 1
                     if got is not None:
-                        found.append((n, pos - len(raw), pos, got))
-            for lineno, line_start, end, got in found:
-                stats.end = end
+                        found.append((at - len(raw), at, nlines, got))
+                    nlines += 1
+            for line_start, line_end, j, got in found:
+                if got is None:  # (hot path) the memo may know the host by now, from an earlier line
+                    counts, got = memo.again(block[line_start:line_end])
+                    lines -= not counts
+                    if got is None:
+                        continue
+                stats.end = end = pos + line_end
                 if isinstance(got, str):
-                    stats.skip(where(lineno, start), got)
+                    stats.skip(where(n + j + 1, start), got)
                     continue
-                ts, elapsed, client, server, host, size = got
-                first = ts - elapsed if elapsed else ts
+                ts, first, client, server, host, size = got
                 yield (
                     NetObservation(
-                        source, ts, client, server, host, "log", size, first, ts, tag + str(line_start)
+                        source, ts, client, server, host, "log", size, first, ts, tag + str(pos + line_start)
                     ),
                     end,
                 )
+            n += nlines
+            pos += len(block)
     stats.end = pos
     stats.lines += lines
 
 
-_UNSEEN = "\0unseen"  # a memo miss (compared by identity: no decoded name is this object)
-
-
 def _is_native(parts: list[bytes]) -> bool:
     return len(parts) == 8 and parts[3].find(b"/") > 0 and parts[3][0] != 91  # 91 is "["
-
-
-def _url_key(url: bytes) -> bytes:
-    """What the host of a non-CONNECT URL depends on: up to the end of its authority (b"": none)."""
-    i = url.find(b"://")
-    if i < 0:
-        return b""
-    j = url.find(b"/", i + 3)
-    return url if j < 0 else url[:j]
 
 
 class _Memo:
@@ -145,43 +121,30 @@ class _Memo:
         self.connect: dict[bytes, str | None] = {}
         self.other: dict[bytes, str | None] = {}
 
+    def again(self, raw: bytes) -> tuple[bool, Parsed | str | None]:
+        """(counts as a line, what it says) for a line whose host was not known when its block was scanned."""
+        host = squid_host(raw, self.connect, self.other)
+        if host is UNSEEN:
+            return self.line(raw, raw.split(None, 7))
+        return True, None if host is None else squid_native(raw.split(), host)
+
     def line(self, raw: bytes, parts: list[bytes]) -> tuple[bool, Parsed | str | None]:
         """(counts as a line, what it says) for one line; `parts` is `raw.split(None, 7)`."""
         if _is_native(parts):
             url = parts[6]
             connect = parts[5] == b"CONNECT"
-            memo, key = (self.connect, url) if connect else (self.other, _url_key(url))
-            host = memo.get(key, _UNSEEN)
-            if host is _UNSEEN:
+            memo, key = (self.connect, url) if connect else (self.other, url_key(url))
+            host = memo.get(key, UNSEEN)
+            if host is UNSEEN:
                 name = url_host("CONNECT" if connect else "GET", url.decode("utf-8", "replace"))
                 host = memo[key] = name if name and kept(name, self.keep, {}) else None
-            return True, None if host is None else _native(raw.split(), host)
+            return True, None if host is None else squid_native(raw.split(), host)
         if not parts or raw[:1] == b"#":
             return False, None
         got = _common(raw)
         if not isinstance(got, str) and not (got[4] and kept(got[4], self.keep, {})):
             return True, None
         return True, got
-
-
-Parsed = tuple[datetime, timedelta | None, str, str, str, int | None]
-
-
-def _native(p: list[bytes], host: str) -> Parsed | str:
-    if len(p) < 9:
-        return f"expected at least 9 fields, got {len(p)}"
-    try:
-        ts = datetime.fromtimestamp(float(p[0]), UTC)
-    except (ValueError, OverflowError, OSError):
-        return f"bad time {p[0][:40].decode('latin-1')!r}"
-    try:
-        elapsed = timedelta(milliseconds=int(p[1]))
-        size = int(p[4])
-    except ValueError:
-        return "elapsed or bytes is not a number"
-    peer = p[8].partition(b"/")[2]
-    server = "" if peer in (b"", b"-") else peer.decode("utf-8", "replace")
-    return ts, elapsed, p[2].decode("latin-1"), server, host, size
 
 
 def _common(raw: bytes) -> Parsed | str:
@@ -194,4 +157,4 @@ def _common(raw: bytes) -> Parsed | str:
         return f"bad time {m['ts'][:40].decode('latin-1')!r}"
     size = int(m["bytes"]) if m["bytes"] != b"-" else None
     host = url_host(m["method"].decode("latin-1"), m["url"].decode("utf-8", "replace"))
-    return ts, None, m["client"].decode("latin-1"), "", host, size
+    return ts, ts, m["client"].decode("latin-1"), "", host, size

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from auditd.model import NetObservation
 from auditd.sources.logio import Keep, LogStats, blocks, kept, open_log, start_of, strip_port, where
+from auditd.sources.logscan import Record, TsvLayout, tsv_lines, tsv_record
 
 NAME_FIELD = {"dns": "query", "ssl": "server_name", "http": "host", "quic": "server_name"}
 _PATH_IN_NAME = re.compile(r"(?<![A-Za-z])(dns|ssl|http|quic)(?![A-Za-z])")
@@ -60,6 +61,20 @@ class Header:
         self.i_name = get(NAME_FIELD.get(self.log, ""), -1)
         if self.i_ts < 0 or self.i_name < 0:
             self.log = "" if self.log in NAME_FIELD else self.log  # cannot be read by the fast path
+
+    def layout(self) -> TsvLayout:
+        """What the block scanner needs of this header (taken again after each header line)."""
+        return TsvLayout(
+            self.sep,
+            self.unset,
+            self.log,
+            self.nfields,
+            self.i_ts,
+            self.i_uid,
+            self.i_orig,
+            self.i_resp,
+            self.i_name,
+        )
 
 
 def _unescape(value: bytes) -> bytes:
@@ -148,10 +163,6 @@ def conn_sibling(path: Path, log: str) -> Path | None:
     return next((c for c in (candidate, alt) if c.is_file()), None)
 
 
-# A record from either writer: (log, ts, uid, orig, resp, name, duration, bytes)
-Record = tuple[str, float | str, str, str, str, str, float, int | None]
-
-
 def _records(
     path: Path,
     offset: int,
@@ -165,12 +176,14 @@ def _records(
     from the lines starting before `stop` (None: to the end).
 
     The hot path: the log is read a block of lines at a time; in a block with no header line, a TSV
-    name record is split only as far as its name, and a name seen before and not kept costs nothing
-    more (no offset or count kept per line: the block's count is taken at once). Blocks with header
-    lines, JSON logs and conn.log take the careful path, line by line.
+    line is read only as far as its name, and a name seen before and not kept costs nothing more
+    (see `auditd.sources.logscan`, compiled with mypyc: no offset or count kept per line, the
+    block's count is taken at once). Blocks with header lines, JSON logs and conn.log take the
+    careful path, line by line.
     """
     gz, start = start_of(path, offset)
     h = read_header(path) if start > 0 else Header()
+    t = h.layout()
     memo: dict[bytes, str | None] = {}  # raw name field -> the name, or None: unset or not kept
     pos, n, lines, count_from = start, 0, 0, stats.count_from
 
@@ -190,45 +203,44 @@ def _records(
             if len(parts) != h.nfields:
                 return True, f"expected {h.nfields} fields, got {len(parts)}"
             got = memo[parts[h.i_name]] = _name(parts[h.i_name], h, keep)
-            return True, None if got is None else _tsv_name_record(parts, h, got)
+            return True, None if got is None else tsv_record(parts, t, got)
         return True, _tsv_record(raw, h, want)
+
+    def unseen(raw: bytes) -> tuple[bool, Record | str | None]:
+        """(counts as a line, record) for a line whose name was not known when its block was scanned."""
+        try:
+            got = memo[raw.split(t.sep, t.i_name + 1)[t.i_name]]
+        except (KeyError, IndexError):
+            return careful(raw)
+        return True, None if got is None else tsv_record(raw.rstrip(b"\r\n").split(t.sep), t, got)
 
     with open_log(path, start) as fh:
         for block, whole in blocks(fh, hold_partial and not gz, stop):
-            lines_in = io.BytesIO(block)  # shares the block: iterating it is cheaper than a split
             if whole and pos >= count_from and h.log in want and h.log in NAME_FIELD and b"#" not in block:
-                # The hot path: split as far as the name; go on only for a name wanted or not seen yet.
-                sep, i_name, k = h.sep, h.i_name, h.i_name + 1
-                j, uncounted = -1, 0
-                for j, raw in enumerate(lines_in):
-                    try:
-                        got = memo[raw.split(sep, k)[i_name]]
-                    except (KeyError, IndexError):
-                        got = _UNSEEN
-                    if got is None:
-                        continue
-                    rec: Record | str | None
-                    if got is _UNSEEN:
-                        counts, rec = careful(raw)
+                # The hot path: only lines naming something wanted or not seen yet come back.
+                nlines, found = tsv_lines(block, t, memo)
+                uncounted = 0
+                for line_start, line_end, j, rec in found:
+                    if rec is None:  # the memo may know the name by now (from an earlier line)
+                        counts, rec = unseen(block[line_start:line_end])
                         uncounted += not counts
-                    else:
-                        rec = _tsv_name_record(raw.rstrip(b"\r\n").split(sep), h, got)
-                    if rec is None:
-                        continue
-                    stats.end = end = pos + lines_in.tell()
+                        if rec is None:
+                            continue
+                    stats.end = end = pos + line_end
                     if isinstance(rec, str):
                         stats.skip(where(n + j + 1, start), rec)
                         continue
                     yield end, n + j + 1, rec
-                lines += j + 1 - uncounted
-                n += j + 1
+                lines += nlines - uncounted
+                n += nlines
                 pos += len(block)
                 continue
-            for raw in lines_in:
+            for raw in io.BytesIO(block):  # shares the block: iterating it is cheaper than a split
                 n += 1
                 pos += len(raw)
                 if raw[:1] == b"#":
                     header_line(h, raw)
+                    t = h.layout()
                     memo.clear()
                     continue
                 counts, rec = careful(raw)
@@ -245,9 +257,6 @@ def _records(
     stats.lines += lines
 
 
-_UNSEEN = "\0unseen"  # a memo miss (compared by identity: no decoded name is this object)
-
-
 def _name(raw: bytes, h: Header, keep: Keep | None) -> str | None:
     """The name a TSV field holds, if set and kept (an http Host or an odd SNI loses its port)."""
     if raw in (h.unset, h.empty):
@@ -256,33 +265,6 @@ def _name(raw: bytes, h: Header, keep: Keep | None) -> str | None:
     if h.log != "dns":
         name = strip_port(name)
     return name if kept(name, keep, {}) else None
-
-
-def _tsv_name_record(parts: list[bytes], h: Header, name: str) -> Record | str:
-    if len(parts) != h.nfields:
-        return f"expected {h.nfields} fields, got {len(parts)}"
-    ts = parts[h.i_ts]
-    if ts == h.unset:
-        return "missing field ts"
-    try:
-        when: float | str = float(ts)
-    except ValueError:
-        return f"bad ts {ts[:40].decode('latin-1')!r}"
-    orig = parts[h.i_orig] if h.i_orig >= 0 else h.unset
-    if orig == h.unset:
-        return "missing field id.orig_h"
-    uid = parts[h.i_uid] if h.i_uid >= 0 else h.unset
-    resp = parts[h.i_resp] if h.i_resp >= 0 else h.unset
-    return (
-        h.log,
-        when,
-        "" if uid == h.unset else uid.decode("latin-1"),
-        orig.decode("latin-1"),
-        "" if resp == h.unset else resp.decode("latin-1"),
-        name,
-        0.0,
-        None,
-    )
 
 
 def _tsv_record(raw: bytes, h: Header, want: frozenset[str]) -> Record | str | None:
