@@ -56,7 +56,28 @@ def read_squid(
     stop: int | None = None,
 ) -> Iterator[tuple[NetObservation, int]]:
     """Observations for the names `keep` accepts, each with the offset just after its line, from
-    the lines starting before `stop` (None: to the end).
+    the lines starting before `stop` (None: to the end). See `squid_records`."""
+    tag = f"squid:{path.name}:"
+    for (ts, first, client, server, host, size), line_start, end in squid_records(
+        path, stats=stats, offset=offset, keep=keep, hold_partial=hold_partial, stop=stop
+    ):
+        yield (
+            NetObservation(source, ts, client, server, host, "log", size, first, ts, tag + str(line_start)),
+            end,
+        )
+
+
+def squid_records(
+    path: Path,
+    *,
+    stats: LogStats,
+    offset: int = 0,
+    keep: Keep | None = None,
+    hold_partial: bool = False,
+    stop: int | None = None,
+) -> Iterator[tuple[Parsed, int, int]]:
+    """What `read_squid` makes its observations of: each good line's fields, where it starts and
+    the offset just after it (`inspect` writes its JSON straight from these: no object per line).
 
     The hot path: the log is read a block of lines at a time; in a block with no comment and no
     `[` (so no common-format line), a native line is read only as far as its URL, and a CONNECT
@@ -66,7 +87,6 @@ def read_squid(
     its host depends on), so that `GET 1a://host/` never borrows what `GET http://host/` decided.
     """
     gz, start = start_of(path, offset)
-    tag = f"squid:{path.name}:"
     pos, n, lines, count_from = start, 0, 0, stats.count_from
     memo = _Memo(keep)
     with open_log(path, start) as fh:
@@ -96,13 +116,7 @@ def read_squid(
                 if isinstance(got, str):
                     stats.skip(where(n + j + 1, start), got)
                     continue
-                ts, first, client, server, host, size = got
-                yield (
-                    NetObservation(
-                        source, ts, client, server, host, "log", size, first, ts, tag + str(pos + line_start)
-                    ),
-                    end,
-                )
+                yield got, pos + line_start, end
             n += nlines
             pos += len(block)
     stats.end = pos
