@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from auditd.classifier import classify, load_classifier, matches_only
 from auditd.cli import main, net_json
+from auditd.sources import logscan
 from auditd.sources.netlogs import LogStats, read_log
 from tests.conftest import ROOT
 
@@ -81,3 +86,27 @@ def test_jsonl_is_json_dumps_of_the_observations(
         assert f"{stats.skipped} lines skipped; first: {stats.first_skipped}" in err
     else:
         assert err == ""
+
+
+@pytest.mark.skipif(not str(logscan.__file__).endswith(".so"), reason="not compiled here: nothing to compare")
+def test_compiled_and_pure_python_write_the_same(tmp_path: Path) -> None:
+    """The Squid JSON writer (`logscan.squid_jsonl`) compiled and as plain Python, through the command."""
+    pure = tmp_path / "pure"
+    shutil.copytree(ROOT / "auditd", pure / "auditd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(ROOT / "policies", pure / "policies")
+    log = _squid_log(tmp_path / "access.log")
+    env = {**os.environ, "CHOYSEZ_AUDITD_CONFIG": str(tmp_path / "no-config.toml")}
+    for args in (["--only-matches"], []):
+        outs = []
+        for tree in (ROOT, pure):
+            proc = subprocess.run(
+                [sys.executable, "-m", "auditd.cli", "inspect", "--format", "jsonl", *args, str(log)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**env, "PYTHONPATH": str(tree)},
+                cwd=tree,
+                check=True,
+            )
+            outs.append(proc.stdout)
+        assert outs[0] == outs[1] and outs[0].count("\n") >= 300

@@ -23,12 +23,16 @@ it, cost more than the rest of that line's JSON until compiled.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring as quote  # what json.dumps(ensure_ascii=False) uses
 from types import FunctionType
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a native 64-bit int when compiled; only an annotation otherwise
+
+    from auditd.classifier import Classification
 
 # A Zeek record: (log, ts, uid, orig, resp, name, duration, bytes), see `auditd.sources.zeek`.
 Record = tuple[str, float | str, str, str, str, str, float, int | None]
@@ -475,3 +479,55 @@ def iso_json(dt: datetime) -> str:
         f'"{year if year >= 1000 else f"{year:04d}"}-{two[dt.month]}-{two[dt.day]}T{two[dt.hour]}'
         f':{two[dt.minute]}:{two[dt.second]}{"" if us == 0 else "." + str(1_000_000 + us)[1:]}+00:00"'
     )
+
+
+def squid_jsonl(
+    records: Iterator[tuple[Parsed, int, int]],
+    classify: Callable[[str], Classification | None],
+    only_matches: bool,
+    write: Callable[[str], object],
+) -> None:
+    """`inspect`'s JSON lines for a Squid log's records (`auditd.sources.squid.squid_records`): for each,
+    the text `json.dumps(net_json(o), ensure_ascii=False)` gives for the observation `read_squid` would
+    make of it (tests/test_inspect_json.py), from pieces cached per name and address, without the
+    observation. Here, compiled, because with `--only-matches` on a big log this loop is the cost of
+    every matching line."""
+    tails: dict[str, str] = {}  # host -> the JSON from "host" to "bytes"; "" when not written
+    quoted: dict[str, str] = {}  # client or server -> its JSON string
+    out: list[str] = []
+    for rec, _, _ in records:
+        ts, _, client, server, host, size = rec
+        tail = tails.get(host)
+        if tail is None:
+            if len(tails) >= 1 << 16:  # bounded: a log of ever-new names must not grow these
+                tails.clear()
+            hit = classify(host)
+            if hit is not None and hit.service is not None:
+                svc, cat = quote(hit.service), "null" if hit.category is None else quote(hit.category)
+                tail = f'"host": {quote(host)}, "via": "log", "service": {svc}, "category": {cat}, '
+            elif only_matches:
+                tail = ""
+            else:
+                tail = f'"host": {quote(host)}, "via": "log", "service": null, "category": null, '
+            tails[host] = tail
+        if not tail:
+            continue
+        c = quoted.get(client)
+        if c is None:
+            if len(quoted) >= 1 << 16:
+                quoted.clear()
+            c = quoted[client] = quote(client)
+        s = quoted.get(server)
+        if s is None:
+            if len(quoted) >= 1 << 16:
+                quoted.clear()
+            s = quoted[server] = quote(server)
+        out.append(
+            f'{{"kind": "net", "ts": {iso_json(ts)}, "client": {c}, "server": {s}, {tail}"bytes": '
+            f"{'null' if size is None else str(size)}}}\n"
+        )
+        if len(out) >= 4096:
+            write("".join(out))
+            out.clear()
+    if out:
+        write("".join(out))

@@ -17,7 +17,6 @@ name is emitted with ``via="ip"`` and an empty host, for matching against publis
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,6 +183,8 @@ class _Flow:
 
 def _addr_port(key: bytes, server: bool) -> tuple[str, int]:
     n = 4 if len(key) == 12 else 16
+    import socket  # here: a log's inspect imports this module (`is_capture`) and never needs it
+
     fam = socket.AF_INET if n == 4 else socket.AF_INET6
     if server:
         return socket.inet_ntop(fam, key[n : 2 * n]), int.from_bytes(key[2 * n + 2 : 2 * n + 4], "big")

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from auditd.sources.tls import clean_hostname, sni_from_handshake
+
+if TYPE_CHECKING:  # imported when the first Initial is decrypted: a log or a TCP-only capture never needs it
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 V1 = 0x00000001
 V2 = 0x6B3343CF
@@ -73,6 +74,9 @@ class InitialKeys:
         key = _expand_label(client, prefix + b"key", 16)
         iv = _expand_label(client, prefix + b"iv", 12)
         hp = _expand_label(client, prefix + b"hp", 16)
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         # ECB is what RFC 9001 5.4.3 prescribes for the header-protection mask: one block, no secrecy at stake
         return cls(version, AESGCM(key), iv, Cipher(algorithms.AES(hp), modes.ECB()))  # noqa: S305
 
@@ -168,6 +172,8 @@ def decrypt_initial(dgram: bytes, h: LongHeader, keys: InitialKeys) -> bytes | N
         header[pn - h.start + i] = b
         number = (number << 8) | b
     nonce = (int.from_bytes(keys.iv, "big") ^ number).to_bytes(12, "big")
+    from cryptography.exceptions import InvalidTag
+
     try:
         return keys.aead.decrypt(nonce, dgram[pn + pn_len : h.end], bytes(header))
     except (InvalidTag, ValueError, OverflowError):
