@@ -5,7 +5,9 @@
 #   deploy/install.sh --destdir /tmp/root       # stage into a folder; no root, touches nothing else
 #
 # What it does (paths below are under DESTDIR when given):
-#   - a virtualenv at PREFIX/venv with choysez-auditd and its pinned dependencies (constraints.txt);
+#   - a virtualenv at PREFIX/venv with choysez-auditd and its pinned dependencies (constraints.txt),
+#     its capture reader and log scanners compiled with mypyc when this machine has a C compiler and
+#     Python's headers (else they run as plain Python, a third as fast; --no-compile skips it);
 #   - SYSCONFDIR/config.toml, staff.csv, community.csv from the examples, only when absent: an
 #     edited file is never overwritten; when the shipped example changed, it is written beside it
 #     as FILE.dist for you to compare;
@@ -30,22 +32,25 @@ PYTHON=${PYTHON:-}
 NO_DEPS=0
 PIP_EXTRA=""
 START=1
+COMPILE=1
+SPEEDUPS="sources/pcap.py sources/logscan.py"  # as in the Makefile's SPEEDUPS
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 
 usage() {
     cat <<EOF
 usage: $0 [--prefix DIR] [--sysconfdir DIR] [--unitdir DIR] [--destdir DIR] [--python PY]
-          [--no-deps] [--find-links DIR] [--no-start]
+          [--no-deps] [--find-links DIR] [--no-start] [--no-compile]
 
   --prefix DIR      program folder (default $PREFIX); the venv is DIR/venv
   --sysconfdir DIR  config folder (default $SYSCONFDIR)
   --unitdir DIR     systemd units (default $UNITDIR)
   --destdir DIR     stage everything under DIR (also \$DESTDIR): no root, no user, no systemctl
   --python PY       interpreter for the venv (default: python3.11, else python3; 3.11 or later)
-  --no-deps         install choysez-auditd alone, without its dependencies (layout checks in CI)
+  --no-deps         install choysez-auditd alone, without its dependencies and uncompiled (layout checks in CI)
   --find-links DIR  install from the wheels in DIR only (no index), e.g. an offline wheelhouse
   --no-start        do not enable or (re)start the service
+  --no-compile      do not compile the capture reader and log scanners (mypyc): plain Python
 EOF
 }
 
@@ -62,6 +67,7 @@ while [ $# -gt 0 ]; do
         --no-deps) NO_DEPS=1; shift ;;
         --find-links) PIP_EXTRA="--no-index --find-links ${2:?}"; shift 2 ;;
         --no-start) START=0; shift ;;
+        --no-compile) COMPILE=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -113,6 +119,45 @@ if [ $NO_DEPS = 1 ]; then
 fi
 # shellcheck disable=SC2086  # word splitting of the option lists is intended
 "$VENV/bin/python" -m pip install $PIP_ARGS $PIP_EXTRA -c "$SRC/constraints.txt" "$SRC"
+SITE=$("$VENV/bin/python" -I -c 'import auditd, os; print(os.path.dirname(auditd.__file__))')  # -I: not the cwd's
+# A compiled module left by an earlier install would shadow the new source: always remove, then build.
+for m in $SPEEDUPS; do rm -f "$SITE/${m%.py}".*.so "$SITE/${m%.py}"__mypyc.*.so; done
+if [ $COMPILE = 1 ] && [ $NO_DEPS = 0 ]; then
+    if command -v cc >/dev/null && "$VENV/bin/python" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+        BUILD=$(mktemp -d)
+        # mypy (with mypyc) in a venv of its own: the program's venv stays as the lock file says.
+        # shellcheck disable=SC2086
+        if "$PYTHON" -m venv "$BUILD/venv" \
+            && "$BUILD/venv/bin/python" -m pip install --disable-pip-version-check --quiet $PIP_EXTRA \
+                -c "$SRC/constraints.txt" mypy setuptools >"$BUILD/log" 2>&1; then
+            ok=1
+            mkdir -p "$BUILD/work"
+            cp -R "$SITE" "$BUILD/work/auditd"  # compiled from a copy: site-packages is no source root
+            for m in $SPEEDUPS; do
+                if (cd "$BUILD/work" && "$BUILD/venv/bin/mypyc" --python-executable "$VENV/bin/python" \
+                        "auditd/$m") >>"$BUILD/log" 2>&1; then
+                    cp "$BUILD/work/build/lib."*/auditd/"$(dirname "$m")"/"$(basename "${m%.py}")"*.so \
+                        "$SITE/$(dirname "$m")/"
+                else
+                    ok=0
+                fi
+            done
+            if [ $ok = 1 ]; then
+                say "compiled with mypyc: $SPEEDUPS"
+            else
+                for m in $SPEEDUPS; do rm -f "$SITE/${m%.py}".*.so "$SITE/${m%.py}"__mypyc.*.so; done
+                tail -5 "$BUILD/log" >&2
+                say "note: mypyc could not compile $SPEEDUPS: they run as plain Python"
+            fi
+        else
+            say "note: mypy could not be installed to compile $SPEEDUPS: they run as plain Python"
+        fi
+        rm -rf "$BUILD"
+    else
+        say "note: no C compiler or Python headers (apt-get install gcc python3-dev): $SPEEDUPS run as plain Python"
+    fi
+fi
 if [ -n "$DESTDIR" ]; then
     # The venv's scripts name their interpreter by path: make them name the final one.
     for f in "$VENV"/bin/*; do

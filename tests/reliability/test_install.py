@@ -12,13 +12,15 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SAMPLE
 
 INSTALL = ROOT / "deploy" / "install.sh"
 PREFIX = "opt/choysez-auditd"
@@ -97,6 +99,31 @@ class TestStagedInstall:
         assert proc.returncode == 0, proc.stderr
         assert "config:" in proc.stdout and "directory:" in proc.stdout
 
+    def test_capture_reader_and_log_scanners_are_compiled(self, full_root: Path) -> None:
+        """Where the machine can compile (as here), the installed program runs the mypyc-compiled modules,
+        and reads what this checkout reads."""
+        if not (shutil.which("cc") and Path(sysconfig.get_paths()["include"], "Python.h").exists()):
+            pytest.skip("no C compiler or Python headers: install.sh installs plain Python (and says so)")
+        python = full_root / PREFIX / "venv" / "bin" / "python"
+        code = "import auditd.sources.pcap as p, auditd.sources.logscan as s; print(p.__file__, s.__file__)"
+        proc = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True)
+        modules = proc.stdout.split()
+        assert len(modules) == 2 and all(m.startswith(str(full_root)) and m.endswith(".so") for m in modules)
+        inputs = [SAMPLE / "captures" / "sample.pcap", ROOT / "tests/data/logs/squid/access.log"]
+        outputs = []
+        for cmd in ([python, "-I"], [sys.executable]):
+            run = subprocess.run(
+                [*cmd, "-m", "auditd", "inspect", "--format", "jsonl", *inputs],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+                cwd=full_root,
+                env={**os.environ, "CHOYSEZ_AUDITD_CONFIG": str(full_root / "no-such-config.toml")},
+            )
+            outputs.append(run.stdout)
+        assert outputs[0] == outputs[1] and outputs[0].count("\n") >= 10
+
     def test_rerun_upgrades_and_never_overwrites_an_edited_config(self, full_root: Path) -> None:
         config = full_root / "etc" / "choysez-auditd" / "config.toml"
         edited = config.read_text().replace('name = "Choysez"', 'name = "Choysez North"', 1)
@@ -107,6 +134,8 @@ class TestStagedInstall:
         proc = install("--destdir", full_root, "--no-deps")
         assert proc.returncode == 0, proc.stderr
         assert "upgrading the venv" in proc.stdout
+        site = next((full_root / PREFIX / "venv" / "lib").glob("python3*/site-packages/auditd"))
+        assert not list(site.rglob("*.so"))  # an uncompiled upgrade leaves no stale compiled module
         assert config.read_text() == edited
         assert (config.parent / "config.toml.dist").exists()
         assert staff.read_bytes() == before
