@@ -2,6 +2,9 @@
 
 Exit status: 0 success; 2 bad usage, invalid config or unreadable input (one line on stderr
 naming the file and the place); 1 any other failure.
+
+Each command imports the modules it uses when it runs (those above `if TYPE_CHECKING` are light):
+`inspect` on a capture or a log then starts in under 0.1 s, without pydantic, the store or mail.
 """
 
 from __future__ import annotations
