@@ -356,82 +356,33 @@ def _inspect_log(
     --only-matches, unlisted names are never built.
 
     The hot path of a big log: each distinct name is classified once, and JSON lines are written
-    from cached pieces (the same text `json.dumps(net_json(o), ensure_ascii=False)` gives).
+    from cached pieces (the same text `json.dumps(net_json(o), ensure_ascii=False)` gives, see
+    `logscan.log_jsonl`).
     """
-    from functools import lru_cache
-    from json.encoder import encode_basestring as quote  # what json.dumps(ensure_ascii=False) uses
-
-    from auditd.sources.logscan import iso_json  # quote(o.ts.isoformat()), faster compiled
     from auditd.sources.netlogs import LogStats, read_log
 
     stats = LogStats()
     keep = matches_only(classifier) if only_matches else None
-    if kind == "squid" and fmt == "jsonl":  # JSON from each line's fields, no observation (see squid_jsonl)
-        from auditd.sources.logscan import squid_jsonl
+    tz = config.organisation.tz if config else UTC
+    records: Iterator[tuple[datetime, str, str, str, int | None]]
+    if fmt == "jsonl" and kind == "squid":  # straight from each line's fields: no observation per line
         from auditd.sources.squid import squid_records
 
-        records = squid_records(path, stats=stats, offset=offset, keep=keep, stop=stop)
-        squid_jsonl(records, classifier.classify, only_matches, sys.stdout.write)
-        return stats
-    tz = config.organisation.tz if config else UTC
-    lookup = lru_cache(maxsize=1 << 16)(classifier.classify)  # logs repeat names a lot
-    quoted: dict[str, str] = {}  # client or server -> its JSON string
-    tails: dict[tuple[str, str, str | None, str | None], str] = {}  # (host, via, service, category) -> JSON
-    out: list[str] = []
-    write = sys.stdout.write
-    for o, _ in read_log(
-        path, kind, source=str(path), stats=stats, offset=offset, tz=tz, keep=keep, stop=stop
-    ):
-        if o.via == "ip":  # not from a log reader (CONTRACT): classify() decides what it means
-            write("".join(out))
-            out.clear()
-            for c in classify([o], classifier):
-                if not (only_matches and c.service is None):
-                    emit(net_json(c))
-            continue
-        hit = lookup(o.host)
-        service: str | None
-        category: str | None
-        if hit is not None and hit.service is not None:
-            service, category = hit.service, hit.category
-        elif only_matches and o.service is None:
-            continue
-        else:
-            service, category = o.service, o.category
-        if fmt != "jsonl":
-            obj = net_json(o)
-            obj["service"], obj["category"] = service, category
-            emit(obj)
-            continue
-        key = (o.host, o.via, service, category)
-        tail = tails.get(key)
-        if tail is None:
-            if len(tails) >= 1 << 16:  # bounded: a log of ever-new names must not grow these
-                tails.clear()
-            svc = "null" if service is None else quote(service)
-            cat = "null" if category is None else quote(category)
-            tail = tails[key] = (
-                f'"host": {quote(o.host)}, "via": {quote(o.via)}, '
-                f'"service": {svc}, "category": {cat}, "bytes": '
-            )
-        if len(quoted) >= 1 << 16:
-            quoted.clear()
-        client = quoted.get(o.client)
-        if client is None:
-            client = quoted[o.client] = quote(o.client)
-        server = quoted.get(o.server)
-        if server is None:
-            server = quoted[o.server] = quote(o.server)
-        size = "null" if o.bytes is None else int.__repr__(o.bytes)
-        out.append(
-            f'{{"kind": "net", "ts": {iso_json(o.ts)}, "client": {client}, "server": {server}, '
-            f"{tail}{size}}}\n"
+        squid = squid_records(path, stats=stats, offset=offset, keep=keep, stop=stop)
+        records = ((ts, client, server, host, size) for (ts, _, client, server, host, size), _, _ in squid)
+    else:
+        logged = read_log(
+            path, kind, source=str(path), stats=stats, offset=offset, tz=tz, keep=keep, stop=stop
         )
-        if len(out) >= 4096:
-            write("".join(out))
-            out.clear()
-    if out:
-        write("".join(out))
+        if fmt != "jsonl":
+            for o in classify((o for o, _ in logged), classifier):
+                if not (only_matches and o.service is None):
+                    emit(net_json(o))
+            return stats
+        records = ((o.ts, o.client, o.server, o.host, o.bytes) for o, _ in logged)
+    from auditd.sources.logscan import log_jsonl  # a big log's hot path: compiled, pieces cached per name
+
+    log_jsonl(records, classifier.classify, only_matches, sys.stdout.write)
     return stats
 
 

@@ -90,7 +90,7 @@ def test_jsonl_is_json_dumps_of_the_observations(
 
 @pytest.mark.skipif(not str(logscan.__file__).endswith(".so"), reason="not compiled here: nothing to compare")
 def test_compiled_and_pure_python_write_the_same(tmp_path: Path) -> None:
-    """The Squid JSON writer (`logscan.squid_jsonl`) compiled and as plain Python, through the command."""
+    """The JSON writer (`logscan.log_jsonl`) compiled and as plain Python, through the command."""
     pure = tmp_path / "pure"
     shutil.copytree(ROOT / "auditd", pure / "auditd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     shutil.copytree(ROOT / "policies", pure / "policies")

@@ -16,14 +16,14 @@ over its bytes. The name field is what `raw.split(sep, i_name + 1)[i_name]` (Zee
 CONNECT target or URL prefix of `raw.split(None, 7)` (Squid native) gives, newline included when
 it ends the line, so both ways key the memo alike.
 
-`iso_json` is here too, for the same reason: the time of each matching line, as `inspect` writes
-it, cost more than the rest of that line's JSON until compiled.
+`log_jsonl` and `iso_json` are here too, for the same reason: the JSON `inspect` writes for each
+matching line cost more than finding the line, until compiled.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring as quote  # what json.dumps(ensure_ascii=False) uses
 from types import FunctionType
@@ -481,22 +481,21 @@ def iso_json(dt: datetime) -> str:
     )
 
 
-def squid_jsonl(
-    records: Iterator[tuple[Parsed, int, int]],
+def log_jsonl(
+    records: Iterable[tuple[datetime, str, str, str, int | None]],
     classify: Callable[[str], Classification | None],
     only_matches: bool,
     write: Callable[[str], object],
 ) -> None:
-    """`inspect`'s JSON lines for a Squid log's records (`auditd.sources.squid.squid_records`): for each,
-    the text `json.dumps(net_json(o), ensure_ascii=False)` gives for the observation `read_squid` would
-    make of it (tests/test_inspect_json.py), from pieces cached per name and address, without the
-    observation. Here, compiled, because with `--only-matches` on a big log this loop is the cost of
-    every matching line."""
+    """`inspect`'s JSON lines for a log's records, each (time, client, server, host, bytes) of an
+    observation a log reader makes (`via` "log", no service of its own: CONTRACT.md): the text
+    `json.dumps(net_json(o), ensure_ascii=False)` gives once the classifier has filled it in
+    (tests/test_inspect_json.py), from pieces cached per name and address. Here, compiled, because
+    with `--only-matches` on a big log this loop is the cost of every matching line."""
     tails: dict[str, str] = {}  # host -> the JSON from "host" to "bytes"; "" when not written
     quoted: dict[str, str] = {}  # client or server -> its JSON string
     out: list[str] = []
-    for rec, _, _ in records:
-        ts, _, client, server, host, size = rec
+    for ts, client, server, host, size in records:
         tail = tails.get(host)
         if tail is None:
             if len(tails) >= 1 << 16:  # bounded: a log of ever-new names must not grow these
