@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +48,28 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+def pure_python_tree(dest: Path) -> Path:
+    """A copy of the package (and policies) without its compiled modules: what runs without a C compiler."""
+    shutil.copytree(ROOT / "auditd", dest / "auditd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(ROOT / "policies", dest / "policies")
+    return dest
+
+
+def run_json(script: str, args: list[str], tree: Path) -> dict[str, object]:
+    """What `script` prints as JSON, run by this Python with the package of `tree` (ROOT or a copy)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=tree,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
 
 
 def corpus_path(*parts: str) -> Path:

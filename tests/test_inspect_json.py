@@ -9,7 +9,6 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from auditd.classifier import classify, load_classifier, matches_only
 from auditd.cli import main, net_json
 from auditd.sources import logscan
 from auditd.sources.netlogs import LogStats, read_log
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pure_python_tree
 
 DATA = ROOT / "tests" / "data" / "logs"
 HOSTS = [
@@ -91,9 +90,7 @@ def test_jsonl_is_json_dumps_of_the_observations(
 @pytest.mark.skipif(not str(logscan.__file__).endswith(".so"), reason="not compiled here: nothing to compare")
 def test_compiled_and_pure_python_write_the_same(tmp_path: Path) -> None:
     """The JSON writer (`logscan.log_jsonl`) compiled and as plain Python, through the command."""
-    pure = tmp_path / "pure"
-    shutil.copytree(ROOT / "auditd", pure / "auditd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    shutil.copytree(ROOT / "policies", pure / "policies")
+    pure = pure_python_tree(tmp_path / "pure")
     log = _squid_log(tmp_path / "access.log")
     env = {**os.environ, "CHOYSEZ_AUDITD_CONFIG": str(tmp_path / "no-config.toml")}
     for args in (["--only-matches"], []):

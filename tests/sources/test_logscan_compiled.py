@@ -16,17 +16,13 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import auditd.sources.logscan
-from tests.conftest import CORPUS, ROOT
+from tests.conftest import CORPUS, ROOT, pure_python_tree, run_json
 
 COMPILED = Path(auditd.sources.logscan.__file__).suffix == ".so"
 DATA = ROOT / "tests" / "data" / "logs"
@@ -70,21 +66,6 @@ for arg in sys.argv[1:]:
     }
 print(json.dumps(out))
 """
-
-
-def _read(paths: list[str], pythonpath: Path) -> dict[str, object]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    proc = subprocess.run(
-        [sys.executable, "-c", READ, *paths],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=pythonpath,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(proc.stdout)
-    return result
 
 
 ZEEK_BAD = [
@@ -209,11 +190,10 @@ def _logs(tmp_path: Path) -> list[str]:
     not COMPILED, reason="the log scanners are not compiled here (no C compiler): nothing to compare"
 )
 def test_compiled_scanners_equal_pure_python(tmp_path: Path) -> None:
-    pure = tmp_path / "pure"
-    shutil.copytree(ROOT / "auditd", pure / "auditd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    pure = pure_python_tree(tmp_path / "pure")
     logs = _logs(tmp_path)
-    compiled_out = _read(logs, ROOT)
-    pure_out = _read(logs, pure)
+    compiled_out = run_json(READ, logs, ROOT)
+    pure_out = run_json(READ, logs, pure)
     assert str(compiled_out.pop("module")).endswith(".so")
     assert str(pure_out.pop("module")).endswith("logscan.py")
     assert compiled_out.keys() == pure_out.keys() and len(compiled_out) == len(logs)

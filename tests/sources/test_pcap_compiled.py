@@ -9,17 +9,12 @@ copies, and the shared corpus captures when present.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import auditd.sources.pcap
-from tests.conftest import CORPUS, ROOT, SAMPLE
+from tests.conftest import CORPUS, ROOT, SAMPLE, pure_python_tree, run_json
 
 COMPILED = Path(auditd.sources.pcap.__file__).suffix == ".so"
 
@@ -37,21 +32,6 @@ for name in sys.argv[1:]:
     out[Path(name).name] = {"obs": obs, "stats": repr(stats)}
 print(json.dumps(out))
 """
-
-
-def _read(paths: list[Path], pythonpath: Path) -> dict[str, object]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    proc = subprocess.run(
-        [sys.executable, "-c", READ, *map(str, paths)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=pythonpath,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(proc.stdout)
-    return result
 
 
 def _captures(tmp_path: Path) -> list[Path]:
@@ -81,11 +61,10 @@ def _captures(tmp_path: Path) -> list[Path]:
     not COMPILED, reason="the capture reader is not compiled here (no C compiler): nothing to compare"
 )
 def test_compiled_reader_equals_pure_python(tmp_path: Path) -> None:
-    pure = tmp_path / "pure"
-    shutil.copytree(ROOT / "auditd", pure / "auditd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    pure = pure_python_tree(tmp_path / "pure")
     paths = _captures(tmp_path)
-    compiled_out = _read(paths, ROOT)
-    pure_out = _read(paths, pure)
+    compiled_out = run_json(READ, list(map(str, paths)), ROOT)
+    pure_out = run_json(READ, list(map(str, paths)), pure)
     assert str(compiled_out.pop("module")).endswith(".so")
     assert str(pure_out.pop("module")).endswith("pcap.py")
     assert compiled_out.keys() == pure_out.keys() and len(compiled_out) == len(paths)
