@@ -120,8 +120,11 @@ fi
 # shellcheck disable=SC2086  # word splitting of the option lists is intended
 "$VENV/bin/python" -m pip install $PIP_ARGS $PIP_EXTRA -c "$SRC/constraints.txt" "$SRC"
 SITE=$("$VENV/bin/python" -I -c 'import auditd, os; print(os.path.dirname(auditd.__file__))')  # -I: not the cwd's
+remove_compiled() {
+    for m in $SPEEDUPS; do rm -f "$SITE/${m%.py}".*.so "$SITE/${m%.py}"__mypyc.*.so; done
+}
 # A compiled module left by an earlier install would shadow the new source: always remove, then build.
-for m in $SPEEDUPS; do rm -f "$SITE/${m%.py}".*.so "$SITE/${m%.py}"__mypyc.*.so; done
+remove_compiled
 if [ $COMPILE = 1 ] && [ $NO_DEPS = 0 ]; then
     if command -v cc >/dev/null && "$VENV/bin/python" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
@@ -146,7 +149,7 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
             if [ $ok = 1 ]; then
                 say "compiled with mypyc: $SPEEDUPS"
             else
-                for m in $SPEEDUPS; do rm -f "$SITE/${m%.py}".*.so "$SITE/${m%.py}"__mypyc.*.so; done
+                remove_compiled
                 tail -5 "$BUILD/log" >&2
                 say "note: mypyc could not compile $SPEEDUPS: they run as plain Python"
             fi
